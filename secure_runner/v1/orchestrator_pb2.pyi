@@ -1,0 +1,55 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_STATE_UNSPECIFIED: _ClassVar[ModelState]
+    MODEL_STATE_STARTING: _ClassVar[ModelState]
+    MODEL_STATE_RUNNING: _ClassVar[ModelState]
+    MODEL_STATE_RECOVERING: _ClassVar[ModelState]
+    MODEL_STATE_STOPPED: _ClassVar[ModelState]
+MODEL_STATE_UNSPECIFIED: ModelState
+MODEL_STATE_STARTING: ModelState
+MODEL_STATE_RUNNING: ModelState
+MODEL_STATE_RECOVERING: ModelState
+MODEL_STATE_STOPPED: ModelState
+
+class WatchModelsRequest(_message.Message):
+    __slots__ = ("crunch_id",)
+    CRUNCH_ID_FIELD_NUMBER: _ClassVar[int]
+    crunch_id: str
+    def __init__(self, crunch_id: _Optional[str] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("model_id", "model_name", "cruncher_id", "cruncher_name", "deployment_id", "address", "state")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    CRUNCHER_ID_FIELD_NUMBER: _ClassVar[int]
+    CRUNCHER_NAME_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    model_name: str
+    cruncher_id: str
+    cruncher_name: str
+    deployment_id: str
+    address: str
+    state: ModelState
+    def __init__(self, model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., cruncher_id: _Optional[str] = ..., cruncher_name: _Optional[str] = ..., deployment_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ...) -> None: ...
+
+class ModelList(_message.Message):
+    __slots__ = ("crunch_id", "revision", "models")
+    CRUNCH_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    crunch_id: str
+    revision: int
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, crunch_id: _Optional[str] = ..., revision: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
