@@ -1,0 +1,47 @@
+"""secure-runner: call many untrusted AI models over mutual TLS, safely.
+
+The public API for coordinators. Names are loaded lazily so that the sandboxed
+worker, which imports `secure_runner.codec`, never pulls in grpc or key code.
+
+    from secure_runner import (
+        DynamicSubclassModelConcurrentRunner, CoordinatorSecurity,
+        Argument, KwArgument, Variant, VariantType, encode_data,
+    )
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "DynamicSubclassModelConcurrentRunner": "secure_runner.client.concurrent_runner",
+    "CoordinatorSecurity": "secure_runner.client.security",
+    "CallResult": "secure_runner.client.results",
+    "CallStatus": "secure_runner.client.results",
+    "ModelIdentity": "secure_runner.client.results",
+    "Argument": "secure_runner.v1.values_pb2",
+    "KwArgument": "secure_runner.v1.values_pb2",
+    "Variant": "secure_runner.v1.values_pb2",
+    "VariantType": "secure_runner.v1.values_pb2",
+    "encode_data": "secure_runner.codec",
+    "decode_data": "secure_runner.codec",
+    "ErrorCode": "secure_runner.errors",
+    "SecureRunnerError": "secure_runner.errors",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from secure_runner.client.concurrent_runner import DynamicSubclassModelConcurrentRunner
+    from secure_runner.client.results import CallResult, CallStatus, ModelIdentity
+    from secure_runner.client.security import CoordinatorSecurity
+    from secure_runner.codec import decode_data, encode_data
+    from secure_runner.errors import ErrorCode, SecureRunnerError
+    from secure_runner.v1.values_pb2 import Argument, KwArgument, Variant, VariantType
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'secure_runner' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,1 @@
+"""The example game a coordinator defines: participants implement TrackerBase."""

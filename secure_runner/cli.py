@@ -1,0 +1,149 @@
+"""`secure-runner`: the demo, a runner, an orchestrator and the test PKI."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from secure_runner.errors import SecureRunnerError
+
+
+def _model_arg(value: str) -> tuple[str, Path]:
+    model_id, sep, path = value.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError("expected MODEL_ID=PATH")
+    return model_id, Path(path)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+async def _serve_until_signalled(make_server) -> None:
+    """Build the server inside the running loop (grpc.aio binds to it), serve until SIGINT/SIGTERM."""
+    server = make_server()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    port = await server.start()
+    print(f"READY {port}", flush=True)
+    await stop.wait()
+    await server.stop()
+
+
+def _runner(args: argparse.Namespace) -> int:
+    from secure_runner import pki
+    from secure_runner.runner import lifetime
+    from secure_runner.runner.server import RunnerServer, RunnerSettings
+    from secure_runner.transport.tls import TlsFiles
+
+    if args.exit_with_parent:
+        lifetime.die_with_parent(os.getppid(), signal.SIGTERM)
+    models = dict(args.model)
+    cert, key, ca, registry = args.cert, args.key, args.ca, args.registry
+    if args.pki:  # fill what was not given from a `pki init` layout
+        layout = pki.PkiLayout(args.pki)
+        ca, registry = ca or layout.ca_cert, registry or layout.registry
+        if len(models) == 1:
+            (model_id,) = models
+            cert, key = cert or layout.runner_cert(model_id), key or layout.runner_key(model_id)
+    missing = [flag for flag, value in (("--cert", cert), ("--key", key), ("--ca", ca), ("--registry", registry)) if not value]
+    if missing:
+        raise SystemExit(f"secure-runner runner: missing {', '.join(missing)}")
+    settings = RunnerSettings(
+        crunch_id=args.crunch,
+        models=models,
+        tls=TlsFiles(Path(cert), Path(key), Path(ca)),
+        registry=Path(registry),
+        base_paths=args.base_path,
+        host=args.host,
+        port=args.port,
+    )
+    asyncio.run(_serve_until_signalled(lambda: RunnerServer(settings)))
+    return 0
+
+
+def _orchestrator(args: argparse.Namespace) -> int:
+    from secure_runner.orchestrator.local import LocalOrchestrator, LocalOrchestratorSettings
+
+    settings = LocalOrchestratorSettings(
+        crunch_id=args.crunch,
+        submissions=args.submissions,
+        pki_dir=args.pki,
+        base_paths=args.base_path,
+        host=args.host,
+        port=args.port,
+    )
+    asyncio.run(_serve_until_signalled(lambda: LocalOrchestrator(settings)))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from secure_runner.demo import run_demo
+
+    return asyncio.run(run_demo(rounds=args.rounds, examples=args.examples, timeout=args.timeout))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="secure-runner", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="PKI, orchestrator, example models and a coordinator, end to end")
+    demo.add_argument("--rounds", type=int, default=3)
+    demo.add_argument("--timeout", type=float, default=1.0, help="per-call timeout in seconds")
+    demo.add_argument("--examples", type=Path, default=None, help="examples folder (default: the repo's)")
+    _add_common(demo)
+    demo.set_defaults(func=_demo, log_level="ERROR")
+
+    runner = sub.add_parser("runner", help="serve submissions (each in its own worker subprocess)")
+    runner.add_argument("--crunch", required=True)
+    runner.add_argument("--model", type=_model_arg, action="append", required=True, metavar="ID=PATH")
+    runner.add_argument("--pki", type=Path, help="a `pki init` folder to take the files below from")
+    runner.add_argument("--cert", type=Path)
+    runner.add_argument("--key", type=Path)
+    runner.add_argument("--ca", type=Path)
+    runner.add_argument("--registry", type=Path)
+    runner.add_argument("--base-path", type=Path, action="append", default=[], help="folder with the base class")
+    runner.add_argument("--host", default="127.0.0.1")
+    runner.add_argument("--port", type=int, default=0)
+    runner.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    _add_common(runner)
+    runner.set_defaults(func=_runner)
+
+    orch = sub.add_parser("orchestrator", help="start a runner per submission folder and serve the model list")
+    orch.add_argument("--crunch", required=True)
+    orch.add_argument("--submissions", type=Path, required=True)
+    orch.add_argument("--pki", type=Path, required=True)
+    orch.add_argument("--base-path", type=Path, action="append", default=[])
+    orch.add_argument("--host", default="127.0.0.1")
+    orch.add_argument("--port", type=int, default=0)
+    _add_common(orch)
+    orch.set_defaults(func=_orchestrator)
+
+    sub.add_parser("pki", help="make a test PKI (see `secure-runner pki init --help`)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["pki"]:
+        from secure_runner import pki
+
+        return pki.main(argv[1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except SecureRunnerError as exc:
+        print(f"secure-runner: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

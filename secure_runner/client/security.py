@@ -1,0 +1,67 @@
+"""What a coordinator needs to be trusted: its TLS files and its signing key.
+
+The signing key's id (derived from its public key) must be registered for the
+crunch; the coordinator's TLS certificate names the same key id in its SPIFFE
+id, and every call token is bound to that certificate's SHA-256.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nacl.signing import SigningKey
+
+from secure_runner import pki
+from secure_runner.smp.token import issue_call_token
+from secure_runner.transport import tls
+
+
+def load_signing_key(path: Path) -> SigningKey:
+    """Load a PKCS8 PEM Ed25519 private key as a libsodium signing key."""
+    return SigningKey(pki.load_identity_key(path).private_bytes_raw())
+
+
+@dataclass(frozen=True)
+class CoordinatorSecurity:
+    """A coordinator's credentials: mTLS files plus the Ed25519 call-signing key."""
+
+    tls: tls.TlsFiles
+    identity_key: Path
+    token_lifetime_seconds: int = 30
+
+    @classmethod
+    def from_pki_dir(cls, root: Path | str) -> CoordinatorSecurity:
+        """Use the layout written by `secure-runner pki init`."""
+        layout = pki.PkiLayout(Path(root))
+        return cls(
+            tls=tls.TlsFiles(layout.coordinator_cert, layout.coordinator_key, layout.ca_cert),
+            identity_key=layout.coordinator_identity,
+        )
+
+
+class CallSigner:
+    """Signs call tokens with the coordinator's key, bound to its TLS certificate."""
+
+    def __init__(self, security: CoordinatorSecurity, crunch_id: str) -> None:
+        self._key = load_signing_key(security.identity_key)
+        self.key_id = pki.key_id_for(bytes(self._key.verify_key))
+        cert_pem, _, _ = security.tls.read()
+        self._cert_sha256 = tls.cert_sha256(tls.pem_to_der(cert_pem))
+        self._crunch_id = crunch_id
+        self._lifetime = security.token_lifetime_seconds
+
+    def sign(self, *, audience: str, rpc: str, method: str, body: bytes) -> bytes:
+        return issue_call_token(
+            self._key,
+            key_id=self.key_id,
+            crunch_id=self._crunch_id,
+            audience=audience,
+            rpc=rpc,
+            method=method,
+            body=body,
+            cert_sha256=self._cert_sha256,
+            now=int(time.time()),
+            lifetime=self._lifetime,
+        )

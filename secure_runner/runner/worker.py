@@ -1,0 +1,176 @@
+"""The worker: the only process that ever runs submission code.
+
+Started by the runner as `python -I -m secure_runner.runner.worker CONFIG_JSON`
+with a clean environment, a new session and no descriptors but stdin, stdout
+and stderr. Before any submission code is imported it takes private copies of
+the protocol pipes (stdin/stdout), points fd 0 at /dev/null and fd 1 at stderr
+(so a model's print() cannot corrupt the protocol), and applies its rlimits.
+It then answers framed WorkerRequest messages one at a time.
+
+It imports only the codec, the framing and discovery: never smp, transport,
+grpc or a key, and it is never given a path to one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import resource
+import sys
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from secure_runner import codec
+from secure_runner.errors import ErrorCode, SecureRunnerError
+from secure_runner.runner import discovery, ipc, lifetime
+from secure_runner.v1 import runner_pb2, values_pb2, worker_pb2
+
+SUCCESS = runner_pb2.CALL_STATUS_SUCCESS
+FAILURE = runner_pb2.CALL_STATUS_FAILURE
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    """rlimits applied by the worker to itself before loading submission code."""
+
+    address_space_bytes: int = 8 << 30
+    open_files: int = 256
+    file_size_bytes: int = 64 << 20
+    core_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    submission: str
+    parent_pid: int
+    base_paths: list[str] = field(default_factory=list)
+    limits: WorkerLimits = WorkerLimits()
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerConfig:
+        data = json.loads(text)
+        return cls(data["submission"], data["parent_pid"], data["base_paths"], WorkerLimits(**data["limits"]))
+
+
+def apply_rlimits(limits: WorkerLimits) -> None:
+    for which, value in (
+        (resource.RLIMIT_AS, limits.address_space_bytes),
+        (resource.RLIMIT_NOFILE, limits.open_files),
+        (resource.RLIMIT_FSIZE, limits.file_size_bytes),
+        (resource.RLIMIT_CORE, limits.core_bytes),
+    ):
+        resource.setrlimit(which, (value, value))
+
+
+def take_protocol_pipes() -> tuple[int, int]:
+    """Move the protocol off fds 0/1 so model code cannot read or write it by accident."""
+    proto_in, proto_out = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    return proto_in, proto_out
+
+
+def _error(code: ErrorCode, message: str) -> values_pb2.ErrorDetail:
+    return values_pb2.ErrorDetail(code=code, message=message)
+
+
+class Worker:
+    def __init__(self, submission: Path) -> None:
+        self.submission = submission
+        self.instance: object | None = None
+        self.methods: frozenset[str] = frozenset()
+        self.loop = asyncio.new_event_loop()
+
+    def setup(self, request: runner_pb2.SetupRequest) -> runner_pb2.SetupResponse:
+        if self.instance is not None:
+            return runner_pb2.SetupResponse(
+                status=FAILURE, error=_error(ErrorCode.SETUP_CONFLICT, "worker is already set up")
+            )
+        try:
+            base = discovery.import_base_class(request.base_classname)
+            model_class = discovery.find_model_class(self.submission, base)
+            args, kwargs = codec.decode_arguments(request.arguments, request.kwargs)
+        except SecureRunnerError as exc:
+            return runner_pb2.SetupResponse(status=FAILURE, error=_error(exc.code, exc.message))
+        try:
+            self.instance = self._run(model_class(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - untrusted constructor
+            traceback.print_exc()
+            return runner_pb2.SetupResponse(
+                status=FAILURE,
+                error=_error(ErrorCode.SETUP_CONSTRUCTOR_FAILED, discovery.describe_exception(exc)),
+            )
+        self.methods = discovery.declared_methods(base)
+        return runner_pb2.SetupResponse(
+            status=SUCCESS, methods=sorted(self.methods), class_name=model_class.__qualname__
+        )
+
+    def call(self, request: runner_pb2.CallRequest) -> runner_pb2.CallResponse:
+        if self.instance is None:
+            return runner_pb2.CallResponse(status=FAILURE, error=_error(ErrorCode.MODEL_NOT_SET_UP, "call Setup first"))
+        if request.method not in self.methods:
+            return runner_pb2.CallResponse(
+                status=FAILURE,
+                error=_error(ErrorCode.METHOD_NOT_ALLOWED, f"{request.method!r} is not declared by the base class"),
+            )
+        try:
+            args, kwargs = codec.decode_arguments(request.arguments, request.kwargs)
+        except SecureRunnerError as exc:
+            return runner_pb2.CallResponse(status=FAILURE, error=_error(exc.code, exc.message))
+        try:
+            result = self._run(getattr(self.instance, request.method)(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - untrusted model code may raise anything
+            traceback.print_exc()
+            return runner_pb2.CallResponse(
+                status=FAILURE, error=_error(ErrorCode.MODEL_RAISED, discovery.describe_exception(exc))
+            )
+        try:
+            output = codec.to_variant(result)
+        except SecureRunnerError as exc:
+            return runner_pb2.CallResponse(
+                status=FAILURE, error=_error(ErrorCode.MODEL_OUTPUT_INVALID, exc.message)
+            )
+        return runner_pb2.CallResponse(status=SUCCESS, output=output)
+
+    def _run(self, value: object) -> object:
+        """Await coroutines on the worker's own loop, so async models work too."""
+        return self.loop.run_until_complete(value) if inspect.isawaitable(value) else value
+
+    def handle(self, request: worker_pb2.WorkerRequest) -> worker_pb2.WorkerResponse:
+        kind = request.WhichOneof("kind")
+        if kind == "setup":
+            return worker_pb2.WorkerResponse(setup=self.setup(request.setup))
+        if kind == "call":
+            return worker_pb2.WorkerResponse(call=self.call(request.call))
+        raise ipc.FrameError(f"unknown request kind {kind!r}")
+
+
+def serve(worker: Worker, proto_in: int, proto_out: int) -> None:
+    while True:
+        try:
+            frame = ipc.read_frame(proto_in)
+        except ipc.FrameError:
+            return  # the runner closed the pipe: exit quietly
+        ipc.write_frame(proto_out, worker.handle(worker_pb2.WorkerRequest.FromString(frame)).SerializeToString())
+
+
+def main(argv: list[str]) -> int:
+    config = WorkerConfig.from_json(argv[1])
+    lifetime.die_with_parent(config.parent_pid)
+    proto_in, proto_out = take_protocol_pipes()
+    apply_rlimits(config.limits)
+    sys.path[:0] = [config.submission, *config.base_paths]
+    serve(Worker(Path(config.submission)), proto_in, proto_out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

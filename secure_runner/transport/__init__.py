@@ -1,0 +1,1 @@
+"""gRPC and TLS plumbing shared by the runner, the orchestrator and the client."""
