@@ -35,6 +35,7 @@ FAILURE = runner_pb2.CALL_STATUS_FAILURE
 TIMEOUT = runner_pb2.CALL_STATUS_TIMEOUT
 SUCCESS = runner_pb2.CALL_STATUS_SUCCESS
 MAX_LOG_LINE = 2000
+EXIT_STATUS_WAIT_SECONDS = 1.0
 # Variables a worker may inherit: none carries a secret. Everything else is dropped.
 PASSED_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 WORKER_ENV = {
@@ -96,6 +97,9 @@ class WorkerProcess:
             length = ipc.frame_length(await self.proc.stdout.readexactly(ipc.HEADER.size))
             payload = await self.proc.stdout.readexactly(length)
         except (ConnectionError, asyncio.IncompleteReadError):
+            # The pipe closes a moment before the exit status is known: wait for it briefly.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), EXIT_STATUS_WAIT_SECONDS)
             raise WorkerGone(ErrorCode.WORKER_CRASHED, f"worker exited ({self._exit_description()})") from None
         except ipc.FrameError as exc:
             raise WorkerGone(ErrorCode.WORKER_PROTOCOL, str(exc)) from None

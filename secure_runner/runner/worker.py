@@ -87,7 +87,7 @@ class Worker:
         self.submission = submission
         self.instance: object | None = None
         self.methods: frozenset[str] = frozenset()
-        self.loop = asyncio.new_event_loop()
+        self._loop: asyncio.AbstractEventLoop | None = None  # made on first coroutine: no idle fds
 
     def setup(self, request: runner_pb2.SetupRequest) -> runner_pb2.SetupResponse:
         if self.instance is not None:
@@ -142,7 +142,11 @@ class Worker:
 
     def _run(self, value: object) -> object:
         """Await coroutines on the worker's own loop, so async models work too."""
-        return self.loop.run_until_complete(value) if inspect.isawaitable(value) else value
+        if not inspect.isawaitable(value):
+            return value
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(value)
 
     def handle(self, request: worker_pb2.WorkerRequest) -> worker_pb2.WorkerResponse:
         kind = request.WhichOneof("kind")

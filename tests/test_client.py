@@ -1,0 +1,189 @@
+"""The coordinator's client against a real orchestrator and real runners."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from secure_runner import (
+    CallStatus,
+    CoordinatorSecurity,
+    DynamicSubclassModelConcurrentRunner,
+    Argument,
+    Variant,
+    VariantType,
+    encode_data,
+)
+from secure_runner.errors import ErrorCode, RequestError
+from secure_runner.smp.identity import PeerIdentity, Role
+from secure_runner.transport import tls
+from secure_runner.transport.status import reason_of
+from secure_runner.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+from conftest import BASE_CLASS, BASE_PATH, CRUNCH, MODELS
+
+
+@pytest.fixture(scope="module")
+def orchestrator(layout):
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "secure_runner.cli", "orchestrator",
+            "--crunch", CRUNCH,
+            "--submissions", str(MODELS / "submissions"),
+            "--pki", str(layout.root),
+            "--base-path", str(BASE_PATH),
+            "--log-level", "WARNING",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    assert line.startswith("READY "), line
+    yield int(line.split()[1])
+    proc.terminate()
+    proc.wait(15)
+
+
+def make_client(layout, port, **overrides) -> DynamicSubclassModelConcurrentRunner:
+    settings = dict(
+        timeout=5.0,
+        crunch_id=CRUNCH,
+        host="127.0.0.1",
+        port=port,
+        base_classname=BASE_CLASS,
+        max_consecutive_failures=3,
+        max_consecutive_timeouts=3,
+        security=CoordinatorSecurity.from_pki_dir(layout.root),
+    )
+    settings.update(overrides)
+    return DynamicSubclassModelConcurrentRunner(**settings)
+
+
+def json_args(*values) -> list[Argument]:
+    return [
+        Argument(position=i, data=Variant(type=VariantType.JSON, value=encode_data(VariantType.JSON, value)))
+        for i, value in enumerate(values, start=1)
+    ]
+
+
+@pytest.fixture
+async def client(layout, orchestrator):
+    runner = make_client(layout, orchestrator)
+    await runner.init()
+    yield runner
+    await runner.close()
+
+
+async def test_fan_out_returns_one_result_per_model_with_identity(client):
+    results = await client.call("echo", json_args({"price": 101.5}))
+    by_id = {model.model_id: result for model, result in results.items()}
+    assert set(by_id) == {"counter", "async-model", "no-candidate", "two-candidates"}
+
+    counter = by_id["counter"]
+    assert counter.status is CallStatus.SUCCESS and counter.output == {"price": 101.5}
+    assert (counter.model_name, counter.cruncher_id, counter.cruncher_name) == ("Counter", "alice", "Alice")
+    assert counter.deployment_id.startswith("counter-")
+    assert counter.latency_us > 0
+    # Reference-client names still work.
+    assert counter.result == counter.output and counter.exec_time_us == counter.latency_us
+
+    assert by_id["async-model"].output == {"echoed": {"price": 101.5}}
+    assert by_id["no-candidate"].status is CallStatus.FAILURE
+    assert by_id["no-candidate"].reason == ErrorCode.SETUP_NO_CANDIDATE
+    assert by_id["two-candidates"].reason == ErrorCode.SETUP_MANY_CANDIDATES
+
+
+async def test_subset_of_models(client):
+    results = await client.call("echo", json_args(1), models=["async-model"])
+    assert [m.model_id for m in results] == ["async-model"]
+    assert await client.call("echo", json_args(1), models=[]) == {}
+
+
+async def test_undeclared_method_is_the_coordinators_error(client):
+    before = await client.call("count", models=["counter"])
+    with pytest.raises(RequestError) as err:
+        await client.call("secret_method")
+    assert err.value.code == ErrorCode.METHOD_NOT_ALLOWED
+    after = await client.call("count", models=["counter"])
+    assert list(after.values())[0].output == list(before.values())[0].output
+    assert {m.model_id for m in client.models} >= {"counter", "async-model"}
+
+
+async def test_timeouts_disconnect_a_model_after_the_limit(layout, orchestrator):
+    runner = make_client(layout, orchestrator, timeout=0.5, max_consecutive_timeouts=2)
+    await runner.init()
+    for attempt in (1, 2):
+        results = await runner.call("hang", json_args(3600), models=["counter"])
+        (result,) = results.values()
+        assert result.status is CallStatus.TIMEOUT
+        assert result.reason == ErrorCode.MODEL_TIMEOUT
+        connected = {m.model_id for m in runner.models}
+        assert ("counter" in connected) is (attempt == 1)
+    await runner.close()
+
+
+async def test_one_timeout_then_success_keeps_the_model(layout, orchestrator):
+    runner = make_client(layout, orchestrator, timeout=0.5, max_consecutive_timeouts=2)
+    await runner.init()
+    for _ in range(3):
+        (timed_out,) = (await runner.call("hang", json_args(3600), models=["async-model"])).values()
+        assert timed_out.status is CallStatus.TIMEOUT
+        runner.timeout = 10
+        (ok,) = (await runner.call("echo", json_args(1), models=["async-model"])).values()
+        assert ok.status is CallStatus.SUCCESS
+        runner.timeout = 0.5
+    assert "async-model" in {m.model_id for m in runner.models}
+    await runner.close()
+
+
+async def test_failures_disconnect_a_model_after_the_limit(layout, orchestrator):
+    runner = make_client(layout, orchestrator, max_consecutive_failures=2)
+    await runner.init()
+    (first,) = (await runner.call("fail", json_args("boom"), models=["counter"])).values()
+    assert first.status is CallStatus.FAILURE and first.reason == ErrorCode.MODEL_RAISED
+    assert first.message == "RuntimeError: boom"
+    assert "counter" in {m.model_id for m in runner.models}
+    await runner.call("fail", json_args("boom"), models=["counter"])
+    assert "counter" not in {m.model_id for m in runner.models}
+    await runner.close()
+
+
+async def _watch(layout, port, cert, key, crunch_id=CRUNCH):
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=layout.ca_cert.read_bytes(), private_key=key.read_bytes(), certificate_chain=cert.read_bytes()
+    )
+    name = PeerIdentity.make(CRUNCH, Role.ORCHESTRATOR, "orchestrator").tls_server_name
+    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options=tls.channel_options(name)) as channel:
+        stream = orchestrator_pb2_grpc.OrchestratorStub(channel).WatchModels(
+            orchestrator_pb2.WatchModelsRequest(crunch_id=crunch_id), timeout=10
+        )
+        return await stream.read()
+
+
+async def test_registered_coordinator_sees_the_model_list(layout, orchestrator):
+    snapshot = await _watch(layout, orchestrator, layout.coordinator_cert, layout.coordinator_key)
+    assert {m.model_id for m in snapshot.models} == {"counter", "async-model", "no-candidate", "two-candidates"}
+    assert all(m.address.startswith("127.0.0.1:") for m in snapshot.models)
+
+
+async def test_a_runner_certificate_cannot_watch_the_model_list(layout, orchestrator):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _watch(layout, orchestrator, layout.runner_cert("counter"), layout.runner_key("counter"))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert reason_of(err.value) == ErrorCode.PEER_UNAUTHENTICATED
+
+
+async def test_watching_another_crunch_is_refused(layout, orchestrator):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _watch(layout, orchestrator, layout.coordinator_cert, layout.coordinator_key, crunch_id="other")
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert reason_of(err.value) == ErrorCode.WATCHER_NOT_AUTHORIZED
+
+
+async def test_coordinator_of_another_ca_cannot_connect(layout, other_layout, orchestrator):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _watch(layout, orchestrator, other_layout.coordinator_cert, other_layout.coordinator_key)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE

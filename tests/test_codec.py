@@ -1,0 +1,582 @@
+"""The codec: every VariantType round-trips, and every rule refuses with its exact code."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import pickle
+import struct
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from secure_runner.codec import (
+    DEFAULT_LIMITS,
+    CodecLimits,
+    decode_arguments,
+    decode_data,
+    encode_arguments,
+    encode_data,
+    from_variant,
+    to_variant,
+)
+from secure_runner.errors import CodecError, ErrorCode
+from secure_runner.v1.values_pb2 import Argument, KwArgument, Variant, VariantType
+
+V = VariantType
+INT_BITS = 8 * DEFAULT_LIMITS.max_int_bytes
+SMALL = CodecLimits(max_value_bytes=10)
+BINARY_TYPES = [V.NONE, V.BOOL, V.INT, V.DOUBLE, V.STRING, V.BYTES]
+
+
+def roundtrip(variant_type: int, value: Any) -> Any:
+    return decode_data(variant_type, encode_data(variant_type, value))
+
+
+def refused(code: ErrorCode, function: Any, *args: Any, **kwargs: Any) -> CodecError:
+    with pytest.raises(CodecError) as info:
+        function(*args, **kwargs)
+    assert info.value.code == code, info.value
+    return info.value
+
+
+def npy(array: np.ndarray, **save_kwargs: Any) -> bytes:
+    stream = io.BytesIO()
+    np.save(stream, array, **save_kwargs)
+    return stream.getvalue()
+
+
+def npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
+    stream = io.BytesIO()
+    header = {"descr": descr, "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(stream, header)
+    return stream.getvalue()
+
+
+# --- NONE and BOOL --------------------------------------------------------------------
+
+
+def test_none_is_empty() -> None:
+    assert encode_data(V.NONE, None) == b""
+    assert decode_data(V.NONE, b"") is None
+    refused(ErrorCode.INVALID_VALUE, decode_data, V.NONE, b"\x00")
+
+
+@pytest.mark.parametrize("value, data", [(False, b"\x00"), (True, b"\x01")])
+def test_bool_is_one_byte(value: bool, data: bytes) -> None:
+    assert encode_data(V.BOOL, value) == data
+    assert encode_data(V.BOOL, np.bool_(value)) == data
+    assert decode_data(V.BOOL, data) is value
+
+
+@pytest.mark.parametrize("data", [b"", b"\x02", b"\xff", b"\x01\x00", b"\x00\x00"])
+def test_bool_decode_refuses_other_bytes(data: bytes) -> None:
+    refused(ErrorCode.INVALID_VALUE, decode_data, V.BOOL, data)
+
+
+# --- INT --------------------------------------------------------------------------------
+
+near_limit_ints = st.integers(min_value=-(2 ** (INT_BITS - 1)), max_value=2 ** (INT_BITS - 1) - 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.integers(), near_limit_ints, st.integers(-(2**70), 2**70)))
+def test_int_roundtrip_is_minimal(value: int) -> None:
+    data = encode_data(V.INT, value)
+    assert decode_data(V.INT, data) == value
+    assert 1 <= len(data) <= DEFAULT_LIMITS.max_int_bytes
+    # One more sign byte is the same number, but not canonical.
+    padded = data + (b"\x00" if value >= 0 else b"\xff")
+    if len(padded) <= DEFAULT_LIMITS.max_int_bytes:
+        assert int.from_bytes(padded, "little", signed=True) == value
+        refused(ErrorCode.INVALID_VALUE, decode_data, V.INT, padded)
+
+
+@pytest.mark.parametrize(
+    "value, hex_bytes",
+    [(0, "00"), (1, "01"), (127, "7f"), (128, "8000"), (255, "ff00"), (256, "0001"),
+     (-1, "ff"), (-128, "80"), (-129, "7fff"), (-32768, "0080"), (2**64, "000000000000000001")],
+)  # fmt: skip
+def test_int_canonical_bytes(value: int, hex_bytes: str) -> None:
+    assert encode_data(V.INT, value).hex() == hex_bytes
+    assert decode_data(V.INT, bytes.fromhex(hex_bytes)) == value
+
+
+def test_int_size_limit() -> None:
+    for value in (2 ** (INT_BITS - 1) - 1, -(2 ** (INT_BITS - 1))):
+        assert len(encode_data(V.INT, value)) == DEFAULT_LIMITS.max_int_bytes
+    for value in (2 ** (INT_BITS - 1), -(2 ** (INT_BITS - 1)) - 1):
+        refused(ErrorCode.VALUE_TOO_LARGE, encode_data, V.INT, value)
+    refused(ErrorCode.VALUE_TOO_LARGE, decode_data, V.INT, b"\x01" * 4097)
+    limits = CodecLimits(max_int_bytes=2)
+    assert encode_data(V.INT, 32767, limits=limits) == b"\xff\x7f"
+    refused(ErrorCode.VALUE_TOO_LARGE, encode_data, V.INT, 32768, limits=limits)
+
+
+@pytest.mark.parametrize("hex_bytes", ["", "0000", "ffff", "7f00", "80ff", "000000"])
+def test_int_decode_refuses_empty_and_non_canonical(hex_bytes: str) -> None:
+    refused(ErrorCode.INVALID_VALUE, decode_data, V.INT, bytes.fromhex(hex_bytes))
+
+
+# --- DOUBLE -----------------------------------------------------------------------------
+
+
+@given(st.floats(allow_nan=True, allow_infinity=True))
+def test_double_roundtrip_is_bit_exact(value: float) -> None:
+    data = encode_data(V.DOUBLE, value)
+    assert data == struct.pack("<d", value)
+    assert struct.pack("<d", decode_data(V.DOUBLE, data)) == data
+
+
+@pytest.mark.parametrize(
+    "hex_bytes", ["000000000000f87f", "010000000000f07f", "ffffffffffffffff", "0000000000000080"]
+)
+def test_double_keeps_nan_payloads_and_negative_zero(hex_bytes: str) -> None:
+    data = bytes.fromhex(hex_bytes)
+    assert encode_data(V.DOUBLE, decode_data(V.DOUBLE, data)) == data
+
+
+def test_double_known_bytes() -> None:
+    assert encode_data(V.DOUBLE, 1.0).hex() == "000000000000f03f"
+    assert encode_data(V.DOUBLE, 3) == encode_data(V.DOUBLE, 3.0)
+    assert math.copysign(1.0, decode_data(V.DOUBLE, encode_data(V.DOUBLE, -0.0))) == -1.0
+    assert decode_data(V.DOUBLE, bytes.fromhex("000000000000f0ff")) == -math.inf
+
+
+@pytest.mark.parametrize("length", [0, 7, 9])
+def test_double_decode_needs_eight_bytes(length: int) -> None:
+    refused(ErrorCode.INVALID_VALUE, decode_data, V.DOUBLE, b"\x00" * length)
+
+
+def test_double_refuses_int_too_large_for_a_float() -> None:
+    refused(ErrorCode.INVALID_VALUE, encode_data, V.DOUBLE, 10**400)
+
+
+# --- STRING and BYTES -------------------------------------------------------------------
+
+
+@given(st.text())
+def test_string_roundtrip(value: str) -> None:
+    assert encode_data(V.STRING, value) == value.encode("utf-8")
+    assert roundtrip(V.STRING, value) == value
+
+
+@pytest.mark.parametrize("data", [b"\xff", b"\xc0\x80", b"\xed\xa0\x80", b"ab\xe2\x82"])
+def test_string_decode_refuses_invalid_utf8(data: bytes) -> None:
+    refused(ErrorCode.INVALID_VALUE, decode_data, V.STRING, data)
+
+
+def test_string_encode_refuses_surrogates() -> None:
+    refused(ErrorCode.INVALID_VALUE, encode_data, V.STRING, "a\ud800")
+
+
+@given(st.binary())
+def test_bytes_roundtrip(value: bytes) -> None:
+    assert encode_data(V.BYTES, value) == value
+    assert encode_data(V.BYTES, bytearray(value)) == value
+    assert encode_data(V.BYTES, memoryview(value)) == value
+    assert roundtrip(V.BYTES, value) == value
+
+
+# --- JSON -------------------------------------------------------------------------------
+
+json_scalars = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text()
+)  # fmt: skip
+json_values = st.recursive(
+    json_scalars,
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(), children, max_size=5),
+    max_leaves=40,
+)
+
+
+@given(json_values)
+def test_json_roundtrip(value: Any) -> None:
+    assert roundtrip(V.JSON, value) == value
+
+
+def test_json_is_compact_utf8_and_tuples_are_lists() -> None:
+    value = {"a": (1, 2.5, None, True, "é")}
+    assert encode_data(V.JSON, value) == '{"a":[1,2.5,null,true,"é"]}'.encode()
+    assert roundtrip(V.JSON, value) == {"a": [1, 2.5, None, True, "é"]}
+    assert decode_data(V.JSON, b'"\\ud83d\\ude00"') == "\U0001f600"  # a surrogate pair is fine
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{1, 2}, b"x", object(), {1: "a"}, {None: 1}, {(1,): 1}, math.nan, [math.inf], {"a": -math.inf},
+     "a\ud800", {"\udc00": 1}, [1j], pytest.param(10**5000, id="int-of-5001-digits")],
+)  # fmt: skip
+def test_json_encode_refuses_non_json(value: Any) -> None:
+    refused(ErrorCode.INVALID_VALUE, encode_data, V.JSON, value)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"NaN", b"[Infinity]", b'{"a":-Infinity}', b'{"a":1,"a":2}', b'[{"b":{"a":1,"a":1}}]',
+     b'"\xff"', b'"\xed\xa0\x80"', b"\xef\xbb\xbf{}", b"1e999", b"[-1e400]", b'"\\ud800"',
+     b'{"\\udc00":1}', b"", b"{", b"[1,]", b"'a'", b"1" * 5000],
+)  # fmt: skip
+def test_json_decode_refuses(data: bytes) -> None:
+    refused(ErrorCode.INVALID_VALUE, decode_data, V.JSON, data)
+
+
+def nested(depth: int, leaf: Any = 0) -> Any:
+    value = leaf
+    for level in range(depth):
+        value = [value] if level % 2 else {"k": value}
+    return value
+
+
+def test_json_depth_limit() -> None:
+    assert roundtrip(V.JSON, nested(64)) == nested(64)
+    refused(ErrorCode.VALUE_TOO_DEEP, encode_data, V.JSON, nested(65))
+    refused(ErrorCode.VALUE_TOO_DEEP, encode_data, V.JSON, [(1, [[2]])], limits=CodecLimits(max_depth=3))
+    assert decode_data(V.JSON, b"[" * 64 + b"]" * 64) is not None
+    refused(ErrorCode.VALUE_TOO_DEEP, decode_data, V.JSON, b"[" * 65 + b"]" * 65)
+    refused(ErrorCode.VALUE_TOO_DEEP, decode_data, V.JSON, b'{"a":' * 65 + b"1" + b"}" * 65)
+    # Deep enough for json's own recursion to fail first.
+    refused(ErrorCode.VALUE_TOO_DEEP, decode_data, V.JSON, b"[" * 200_000 + b"]" * 200_000)
+    assert decode_data(V.JSON, b"5", limits=CodecLimits(max_depth=0)) == 5
+    refused(ErrorCode.VALUE_TOO_DEEP, decode_data, V.JSON, b"[]", limits=CodecLimits(max_depth=0))
+
+
+def test_json_cycles_are_too_deep() -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+    refused(ErrorCode.VALUE_TOO_DEEP, encode_data, V.JSON, loop)
+    table: dict[str, Any] = {}
+    table["self"] = [table]
+    refused(ErrorCode.VALUE_TOO_DEEP, encode_data, V.JSON, table)
+
+
+def test_json_shared_subtrees_cannot_explode() -> None:
+    value: Any = "x"
+    for _ in range(60):  # 2**60 leaves once written out
+        value = [value, value]
+    limits = CodecLimits(max_value_bytes=100_000)
+    refused(ErrorCode.VALUE_TOO_LARGE, encode_data, V.JSON, value, limits=limits)
+
+
+def test_json_size_limit() -> None:
+    assert encode_data(V.JSON, [1, 2, 3, 4], limits=SMALL) == b"[1,2,3,4]"
+    refused(ErrorCode.VALUE_TOO_LARGE, encode_data, V.JSON, [1, 2, 3, 4, 5], limits=SMALL)
+    refused(ErrorCode.VALUE_TOO_LARGE, encode_data, V.JSON, list(range(20)), limits=SMALL)
+
+
+# --- NDARRAY ----------------------------------------------------------------------------
+
+array_dtypes = st.sampled_from(
+    ["?", "i1", "u2", ">i4", "<i8", "f2", "<f4", ">f8", "c16", "U3", "S4", "M8[ns]", "m8[s]"]
+)
+arrays = array_dtypes.flatmap(
+    lambda dtype: hnp.arrays(dtype, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4))
+)
+
+
+def assert_same_array(decoded: Any, array: np.ndarray) -> None:
+    assert isinstance(decoded, np.ndarray)
+    assert decoded.dtype == array.dtype
+    assert decoded.shape == array.shape
+    assert decoded.tobytes() == array.tobytes()  # bit exact, NaN included
+
+
+@settings(max_examples=150)
+@given(arrays)
+def test_ndarray_roundtrip(array: np.ndarray) -> None:
+    decoded = roundtrip(V.NDARRAY, array)
+    assert_same_array(decoded, array)
+    assert decoded.flags.writeable
+
+
+@pytest.mark.parametrize(
+    "array",
+    [np.array(3.5), np.zeros((0, 3)), np.asfortranarray(np.arange(6).reshape(2, 3)),
+     np.arange(10)[::3], np.zeros(2, dtype=[("x", "<f4"), ("y", "S2")])],
+)  # fmt: skip
+def test_ndarray_roundtrip_special_layouts(array: np.ndarray) -> None:
+    assert_same_array(roundtrip(V.NDARRAY, array), array)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [np.array([1, "a"], dtype=object), np.zeros(2, dtype=[("x", "O")]),
+     np.array(["a"], dtype=np.dtypes.StringDType())],
+)  # fmt: skip
+def test_ndarray_encode_refuses_objects(array: np.ndarray) -> None:
+    refused(ErrorCode.INVALID_VALUE, encode_data, V.NDARRAY, array)
+
+
+UNPICKLED: list[str] = []
+
+
+def _record_unpickle(tag: str) -> str:
+    UNPICKLED.append(tag)
+    return tag
+
+
+class _Payload:
+    def __reduce__(self) -> Any:
+        return (_record_unpickle, ("unpickled",))
+
+
+def test_ndarray_decode_never_unpickles() -> None:
+    data = npy(np.array([_Payload()], dtype=object), allow_pickle=True)
+    np.load(io.BytesIO(data), allow_pickle=True)  # the payload does run when unpickled...
+    assert UNPICKLED == ["unpickled"]
+    UNPICKLED.clear()
+    error = refused(ErrorCode.INVALID_VALUE, decode_data, V.NDARRAY, data)  # ...but not here
+    assert "object" in error.message
+    assert UNPICKLED == []
+    refused(ErrorCode.INVALID_VALUE, decode_data, V.NDARRAY, pickle.dumps(np.arange(3)))
+    assert UNPICKLED == []
+
+
+def test_ndarray_decode_refuses_malformed_payloads() -> None:
+    data = npy(np.arange(4, dtype="<i4"))
+    assert_same_array(decode_data(V.NDARRAY, data), np.arange(4, dtype="<i4"))
+    zipped = io.BytesIO()
+    np.savez(zipped, a=np.arange(4))
+    with pytest.warns(UserWarning, match="format 3.0"):
+        version_3 = npy(np.zeros(1, dtype=[("\u4e00", "f8")]))  # non-Latin-1 field name
+    for bad in [data + b"\x00", data[:-1], data[:20], b"", b"\x93NUMPY", zipped.getvalue(),
+                npy_header("<f8", (10**12,)) + b"\x00" * 8,  # header claims 8 TB
+                npy_header("<f8", (-2, -3)) + b"\x00" * 48, version_3]:  # fmt: skip
+        refused(ErrorCode.INVALID_VALUE, decode_data, V.NDARRAY, bad)
+
+
+def test_ndarray_size_limits() -> None:
+    limits = CodecLimits(max_value_bytes=1000)
+    refused(ErrorCode.VALUE_TOO_LARGE, encode_data, V.NDARRAY, np.zeros(126), limits=limits)
+    refused(ErrorCode.VALUE_TOO_LARGE, decode_data, V.NDARRAY, npy(np.zeros(126)), limits=limits)
+    # Items of zero bytes: the header alone would describe 10**12 of them.
+    refused(ErrorCode.VALUE_TOO_LARGE, decode_data, V.NDARRAY, npy_header("|V0", (10**12,)))
+
+
+def test_ndarray_without_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = npy(np.arange(3))
+    array = np.arange(3)
+    monkeypatch.setitem(sys.modules, "numpy", None)  # makes `import numpy` fail
+    for function, arg in [(encode_data, array), (decode_data, data)]:
+        error = refused(ErrorCode.UNSUPPORTED_TYPE, function, V.NDARRAY, arg)
+        assert "numpy" in error.message
+
+
+def test_codec_does_not_import_numpy() -> None:
+    script = (
+        "import sys\n"
+        "from secure_runner.codec import to_variant, from_variant\n"
+        "for value in (None, 1, 2.5, 'x', b'y', {'a': [1, (2,)]}):\n"
+        "    from_variant(to_variant(value))\n"
+        "assert 'numpy' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+
+
+# --- Types, sizes, reserved types -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "variant_type, value, expected",
+    [(V.NONE, 0, "None"), (V.BOOL, 1, "bool"), (V.BOOL, None, "bool"), (V.INT, True, "int"),
+     (V.INT, 1.0, "int"), (V.INT, "1", "int"), (V.INT, np.int64(1), "int"),
+     (V.DOUBLE, False, "float"), (V.DOUBLE, "1.0", "float"), (V.STRING, b"x", "str"),
+     (V.BYTES, "x", "bytes"), (V.BYTES, [1], "bytes"), (V.NDARRAY, [1, 2], "numpy.ndarray")],
+)  # fmt: skip
+def test_encode_refuses_wrong_python_type(variant_type: int, value: Any, expected: str) -> None:
+    error = refused(ErrorCode.INVALID_VALUE, encode_data, variant_type, value)
+    assert f"expected {expected}" in error.message
+    assert type(value).__name__ in error.message
+
+
+@pytest.mark.parametrize("variant_type", [V.PARQUET, V.ARROW])
+def test_reserved_types_are_not_supported_yet(variant_type: int) -> None:
+    assert "not supported yet" in refused(
+        ErrorCode.UNSUPPORTED_TYPE, encode_data, variant_type, b"x"
+    ).message
+    refused(ErrorCode.UNSUPPORTED_TYPE, decode_data, variant_type, b"x")
+
+
+@pytest.mark.parametrize("variant_type", [10, -1, 2**40, True, 6.0, "JSON", None, [6]])
+def test_unknown_types_are_unsupported(variant_type: Any) -> None:
+    refused(ErrorCode.UNSUPPORTED_TYPE, encode_data, variant_type, None)
+    refused(ErrorCode.UNSUPPORTED_TYPE, decode_data, variant_type, b"")
+
+
+@pytest.mark.parametrize("variant_type", [*BINARY_TYPES, V.JSON, V.NDARRAY])
+def test_decode_checks_size_before_content(variant_type: int) -> None:
+    refused(ErrorCode.VALUE_TOO_LARGE, decode_data, variant_type, b"\xff" * 11, limits=SMALL)
+
+
+def test_encode_size_limit() -> None:
+    assert encode_data(V.BYTES, b"x" * 10, limits=SMALL) == b"x" * 10
+    refused(ErrorCode.VALUE_TOO_LARGE, encode_data, V.BYTES, b"x" * 11, limits=SMALL)
+    refused(ErrorCode.VALUE_TOO_LARGE, encode_data, V.STRING, "x" * 11, limits=SMALL)
+    refused(ErrorCode.VALUE_TOO_LARGE, encode_data, V.STRING, "é" * 6, limits=SMALL)  # 12 bytes
+
+
+def test_decode_needs_bytes() -> None:
+    refused(ErrorCode.INVALID_VALUE, decode_data, V.STRING, "text")
+    assert decode_data(V.BYTES, bytearray(b"ab")) == b"ab"
+
+
+class _Exploding(dict):  # type: ignore[type-arg]
+    def items(self) -> Any:
+        raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize(
+    "exception, code",
+    [(RuntimeError, ErrorCode.INVALID_VALUE), (RecursionError, ErrorCode.VALUE_TOO_DEEP),
+     (MemoryError, ErrorCode.VALUE_TOO_LARGE)],
+)  # fmt: skip
+def test_only_codec_errors_escape_strange_values(exception: type, code: ErrorCode) -> None:
+    class Strange(int):
+        def bit_length(self) -> int:
+            raise exception("from the value itself")
+
+    refused(code, encode_data, V.INT, Strange(5))
+    refused(ErrorCode.INVALID_VALUE, encode_data, V.JSON, _Exploding(a=1))
+
+
+# --- Inference --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, variant_type, decoded",
+    [(None, V.NONE, None), (True, V.BOOL, True), (0, V.INT, 0), (2.5, V.DOUBLE, 2.5),
+     ("s", V.STRING, "s"), (b"b", V.BYTES, b"b"), (bytearray(b"b"), V.BYTES, b"b"),
+     ({"a": [1]}, V.JSON, {"a": [1]}), ([1, 2], V.JSON, [1, 2]), ((1, 2), V.JSON, [1, 2]),
+     (np.int64(7), V.INT, 7), (np.float32(1.5), V.DOUBLE, 1.5), (np.bool_(False), V.BOOL, False),
+     (np.str_("x"), V.STRING, "x")],
+)  # fmt: skip
+def test_to_variant_infers_type(value: Any, variant_type: int, decoded: Any) -> None:
+    variant = to_variant(value)
+    assert variant.type == variant_type
+    result = from_variant(variant)
+    assert result == decoded and type(result) is type(decoded)
+
+
+def test_to_variant_ndarray() -> None:
+    variant = to_variant(np.arange(3))
+    assert variant.type == V.NDARRAY
+    assert_same_array(from_variant(variant), np.arange(3))
+
+
+@pytest.mark.parametrize(
+    "value", [{1}, frozenset(), object(), 1j, np.datetime64("2020-01-01"), print, range(3)]
+)
+def test_to_variant_refuses_unknown_types(value: Any) -> None:
+    refused(ErrorCode.INVALID_VALUE, to_variant, value)
+
+
+def test_to_variant_applies_limits() -> None:
+    refused(ErrorCode.VALUE_TOO_LARGE, to_variant, "x" * 11, limits=SMALL)
+
+
+# --- Arguments --------------------------------------------------------------------------
+
+
+def none_argument(position: int) -> Argument:
+    return Argument(position=position, data=Variant(type=V.NONE))
+
+
+def none_kwarg(keyword: str) -> KwArgument:
+    return KwArgument(keyword=keyword, data=Variant(type=V.NONE))
+
+
+def test_arguments_roundtrip() -> None:
+    args, kwargs = [1, "a", {"k": [1.5]}, None], {"x": 2.5, "y": b"z"}
+    arguments, keywords = encode_arguments(args, kwargs)
+    assert [argument.position for argument in arguments] == [1, 2, 3, 4]
+    assert [keyword.keyword for keyword in keywords] == ["x", "y"]
+    assert decode_arguments(arguments, keywords) == (args, kwargs)
+    assert decode_arguments(arguments[::-1], keywords) == (args, kwargs)  # order by position
+    assert decode_arguments([], []) == ([], {})
+
+
+@pytest.mark.parametrize("positions", [[0], [2], [1, 3], [1, 1], [2, 1, 2], [1, 2, 4]])
+def test_decode_arguments_refuses_bad_positions(positions: list[int]) -> None:
+    arguments = [none_argument(position) for position in positions]
+    refused(ErrorCode.INVALID_ARGUMENTS, decode_arguments, arguments, [])
+
+
+@pytest.mark.parametrize("keyword", ["", "1a", "a-b", "a b", "_x", "__class__", "class", "None"])
+def test_arguments_refuse_bad_keywords(keyword: str) -> None:
+    refused(ErrorCode.INVALID_ARGUMENTS, decode_arguments, [], [none_kwarg(keyword)])
+    refused(ErrorCode.INVALID_ARGUMENTS, encode_arguments, [], {keyword: None})
+
+
+def test_arguments_refuse_repeated_keywords_and_non_str_keys() -> None:
+    refused(ErrorCode.INVALID_ARGUMENTS, decode_arguments, [], [none_kwarg("x"), none_kwarg("x")])
+    refused(ErrorCode.INVALID_ARGUMENTS, encode_arguments, [], {1: None})
+
+
+def test_decode_arguments_limits_the_count() -> None:
+    arguments = [none_argument(position) for position in range(1, 200)]
+    keywords = [none_kwarg(f"k{index}") for index in range(57)]
+    assert len(decode_arguments(arguments, keywords)[1]) == 57  # 256 in all
+    refused(ErrorCode.INVALID_ARGUMENTS, decode_arguments, arguments, [*keywords, none_kwarg("z")])
+    refused(ErrorCode.INVALID_ARGUMENTS, decode_arguments, arguments[:3], [], max_arguments=2)
+
+
+def test_decode_arguments_keeps_value_error_codes() -> None:
+    bad_int = Variant(type=V.INT, value=b"")
+    error = refused(
+        ErrorCode.INVALID_VALUE, decode_arguments, [none_argument(1), Argument(position=2, data=bad_int)], []
+    )
+    assert "argument 2" in error.message
+    error = refused(ErrorCode.INVALID_VALUE, decode_arguments, [], [KwArgument(keyword="x", data=bad_int)])
+    assert "keyword x" in error.message
+    reserved = Argument(position=1, data=Variant(type=V.ARROW))
+    refused(ErrorCode.UNSUPPORTED_TYPE, decode_arguments, [reserved], [])
+    refused(ErrorCode.INVALID_VALUE, encode_arguments, [{1, 2}], {})
+
+
+# --- Fuzz: decoding random bytes returns or raises CodecError, nothing else ---------------
+
+ALL_TYPES = [*VariantType.values(), 10]
+PREFIXES = [b"", b"\x93NUMPY\x01\x00", b"\x93NUMPY\x02\x00", npy(np.arange(3))[:20], b"[", b'{"']
+
+
+def decode_or_codec_error(variant_type: int, data: bytes) -> None:
+    try:
+        value = decode_data(variant_type, data)
+    except CodecError as error:
+        assert error.code in ErrorCode
+        return
+    # Whatever decodes must encode again; binary encodings are canonical.
+    encoded = encode_data(variant_type, value)
+    if variant_type in BINARY_TYPES:
+        assert encoded == data
+
+
+@settings(max_examples=2500, deadline=None)
+@given(st.sampled_from(ALL_TYPES), st.sampled_from(PREFIXES), st.binary(max_size=120))
+def test_fuzz_decode_random_bytes(variant_type: int, prefix: bytes, data: bytes) -> None:
+    decode_or_codec_error(variant_type, prefix + data)
+
+
+@settings(max_examples=500, deadline=None)
+@given(arrays, st.data())
+def test_fuzz_decode_mutated_npy(array: np.ndarray, data: st.DataObject) -> None:
+    payload = bytearray(npy(array))
+    for _ in range(data.draw(st.integers(1, 4))):
+        index = data.draw(st.integers(0, len(payload) - 1))
+        payload[index] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(payload) + 4))
+    decode_or_codec_error(V.NDARRAY, bytes(payload[:cut]) + b"\x00" * (cut - len(payload)))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet='[]{}",:0123456789.eE+-tfnulNaIiy\\ \x00é\ud800', max_size=60))
+def test_fuzz_decode_json_like_text(text: str) -> None:
+    decode_or_codec_error(V.JSON, text.encode("utf-8", "surrogatepass"))
