@@ -6,7 +6,6 @@ their own workers, reached over mutual TLS on loopback with signed tokens.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -112,6 +111,25 @@ def fresh_runner(layout) -> Iterator:
         runner.stop()
 
 
+_STUB_METHODS = {
+    "echo": "def echo(self, value):\n        return value",
+    "count": "def count(self):\n        return 0",
+    "hang": "def hang(self, seconds):\n        pass",
+    "fail": "def fail(self, message):\n        pass",
+}
+
+
+def write_submission(parent: Path, name: str, methods: dict[str, str], imports: str = "") -> Path:
+    """A one-class submission implementing GameBase; `methods` replaces the stubs by name."""
+    folder = parent / name
+    folder.mkdir()
+    bodies = "\n\n".join("    " + (methods.get(n) or stub) for n, stub in _STUB_METHODS.items())
+    (folder / "main.py").write_text(
+        f"{imports}\nfrom sr_testgame.base import GameBase\n\n\nclass Probe(GameBase):\n{bodies}\n"
+    )
+    return folder
+
+
 def credentials(layout: pki.PkiLayout, *, client_cert: bool = True) -> grpc.ChannelCredentials:
     ca = layout.ca_cert.read_bytes()
     if not client_cert:
@@ -192,5 +210,3 @@ def _no_proxy(monkeypatch):
     for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("no_proxy", "*")
-    yield
-    os.environ.pop("no_proxy", None)

@@ -13,7 +13,7 @@ from secure_runner.errors import ErrorCode
 from secure_runner.transport.status import TOKEN_KEY
 from secure_runner.v1 import runner_pb2
 
-from conftest import CALL_RPC, MODELS, RawCoordinator
+from conftest import CALL_RPC, MODELS, RawCoordinator, write_submission
 
 OK = runner_pb2.CALL_STATUS_SUCCESS
 FAILURE = runner_pb2.CALL_STATUS_FAILURE
@@ -147,19 +147,11 @@ async def test_client_cancelling_a_call_kills_the_running_model(layout, fresh_ru
 
 
 async def test_worker_crash_is_reported_and_the_model_restarts(layout, fresh_runner, tmp_path):
-    submission = tmp_path / "crasher"
-    submission.mkdir()
-    (submission / "main.py").write_text(
-        "import os\n"
-        "from sr_testgame.base import GameBase\n"
-        "class Crasher(GameBase):\n"
-        "    def echo(self, value):\n"
-        "        if value == 'die':\n"
-        "            os._exit(3)\n"
-        "        return value\n"
-        "    def count(self): return 0\n"
-        "    def hang(self, seconds): pass\n"
-        "    def fail(self, message): pass\n"
+    submission = write_submission(
+        tmp_path,
+        "crasher",
+        {"echo": "def echo(self, value):\n        if value == 'die':\n            os._exit(3)\n        return value"},
+        imports="import os",
     )
     runner = fresh_runner("counter", submission)
     client = RawCoordinator(layout, runner.address, "counter")
@@ -174,15 +166,10 @@ async def test_worker_crash_is_reported_and_the_model_restarts(layout, fresh_run
 
 
 async def test_model_output_that_cannot_be_encoded_is_a_failure(layout, fresh_runner, tmp_path):
-    submission = tmp_path / "garbage"
-    submission.mkdir()
-    (submission / "main.py").write_text(
-        "from sr_testgame.base import GameBase\n"
-        "class Garbage(GameBase):\n"
-        "    def echo(self, value): return object()\n"
-        "    def count(self): return {1, 2}\n"
-        "    def hang(self, seconds): pass\n"
-        "    def fail(self, message): pass\n"
+    submission = write_submission(
+        tmp_path,
+        "garbage",
+        {"echo": "def echo(self, value):\n        return object()", "count": "def count(self):\n        return {1, 2}"},
     )
     runner = fresh_runner("counter", submission)
     client = RawCoordinator(layout, runner.address, "counter")
@@ -197,22 +184,17 @@ async def test_model_output_that_cannot_be_encoded_is_a_failure(layout, fresh_ru
 def test_worker_environment_holds_no_secret(layout, fresh_runner, tmp_path, monkeypatch):
     """The worker gets a fixed, clean environment: nothing of the runner's leaks in."""
     monkeypatch.setenv("SUPER_SECRET_TOKEN", "do-not-leak")
-    submission = tmp_path / "env"
-    submission.mkdir()
-    (submission / "main.py").write_text(
-        "import os, sys\n"
-        "from sr_testgame.base import GameBase\n"
-        "class Env(GameBase):\n"
-        "    def echo(self, value):\n"
+    probe = (
+        "def echo(self, value):\n"
         "        fds = {}\n"
         "        for fd in os.listdir('/proc/self/fd'):\n"
-        "            try: fds[fd] = os.readlink(f'/proc/self/fd/{fd}')\n"
-        "            except FileNotFoundError: pass  # the listing's own descriptor, closed by now\n"
-        "        return {'env': dict(os.environ), 'fds': fds}\n"
-        "    def count(self): return 0\n"
-        "    def hang(self, seconds): pass\n"
-        "    def fail(self, message): pass\n"
+        "            try:\n"
+        "                fds[fd] = os.readlink(f'/proc/self/fd/{fd}')\n"
+        "            except FileNotFoundError:\n"
+        "                pass  # the listing's own descriptor, closed by now\n"
+        "        return {'env': dict(os.environ), 'fds': fds}"
     )
+    submission = write_submission(tmp_path, "env", {"echo": probe}, imports="import os")
     runner = fresh_runner("counter", submission)
 
     async def probe():

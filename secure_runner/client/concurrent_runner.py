@@ -103,13 +103,14 @@ class DynamicSubclassModelConcurrentRunner:
                 async for snapshot in self._stream:
                     failures = 0
                     self._apply(snapshot)
-                raise grpc.aio.UsageError("stream ended")
-            except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
-                delay = RESYNC_BACKOFF_SECONDS[min(failures, len(RESYNC_BACKOFF_SECONDS) - 1)]
-                failures += 1
-                log.warning("model list stream lost (%s); retrying in %.1f s", exc, delay)
-                self._stream = None
-                await asyncio.sleep(delay)
+                lost = "stream ended"
+            except grpc.aio.AioRpcError as exc:
+                lost = exc.code().name
+            delay = RESYNC_BACKOFF_SECONDS[min(failures, len(RESYNC_BACKOFF_SECONDS) - 1)]
+            failures += 1
+            log.warning("model list stream lost (%s); retrying in %.1f s", lost, delay)
+            self._stream = None
+            await asyncio.sleep(delay)
 
     def _apply(self, snapshot: orchestrator_pb2.ModelList) -> None:
         running = {

@@ -12,8 +12,7 @@ import logging
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import BaseModel, ConfigDict
 
 from secure_runner.errors import ErrorCode, RequestError, SecureRunnerError
@@ -89,7 +88,7 @@ class RunnerServer:
         for model_id in settings.models:
             validate_id(model_id, "model id")
         self.settings = settings
-        self.health = HealthServicer()
+        self.health = health.aio.HealthServicer()
         self.hosts = {
             model_id: ModelHost(
                 model_id,
