@@ -9,7 +9,6 @@ printing each model's status, latency and identity per call.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import tempfile
 from pathlib import Path
@@ -97,8 +96,7 @@ async def run_demo(rounds: int = 3, examples: Path | None = None, timeout: float
         finally:
             if sync is not None:
                 sync.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sync
+                await asyncio.gather(sync, return_exceptions=True)
             await runner.close()
             await orchestrator.stop()
     print("demo finished: everything shut down")

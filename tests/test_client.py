@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ from secure_runner import (
     encode_data,
 )
 from secure_runner.errors import ErrorCode, RequestError
+from secure_runner.orchestrator.local import LocalOrchestrator, LocalOrchestratorSettings
 from secure_runner.smp.identity import PeerIdentity, Role
 from secure_runner.transport import tls
 from secure_runner.transport.status import reason_of
@@ -187,3 +189,35 @@ async def test_coordinator_of_another_ca_cannot_connect(layout, other_layout, or
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _watch(layout, orchestrator, other_layout.coordinator_cert, other_layout.coordinator_key)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_sync_applies_live_membership_changes(layout, tmp_path):
+    """A runner that dies leaves the client's model list; the others keep answering."""
+    submissions = tmp_path / "submissions"
+    submissions.mkdir()
+    for model_id in ("counter", "async-model"):
+        (submissions / model_id).symlink_to(MODELS / "submissions" / model_id)
+    orchestrator = LocalOrchestrator(
+        LocalOrchestratorSettings(
+            crunch_id=CRUNCH, submissions=submissions, pki_dir=layout.root, base_paths=[BASE_PATH]
+        )
+    )
+    port = await orchestrator.start()
+    runner = make_client(layout, port)
+    await runner.init()
+    sync = asyncio.create_task(runner.sync())
+    try:
+        assert {m.model_id for m in runner.models} == {"counter", "async-model"}
+        orchestrator.runner_process("counter").kill()
+        for _ in range(500):
+            if {m.model_id for m in runner.models} == {"async-model"}:
+                break
+            await asyncio.sleep(0.01)
+        assert {m.model_id for m in runner.models} == {"async-model"}
+        results = await runner.call("echo", json_args(7))
+        assert [(m.model_id, r.status) for m, r in results.items()] == [("async-model", CallStatus.SUCCESS)]
+    finally:
+        sync.cancel()
+        await asyncio.gather(sync, return_exceptions=True)
+        await runner.close()
+        await orchestrator.stop()

@@ -100,7 +100,9 @@ class DynamicSubclassModelConcurrentRunner:
             try:
                 if self._stream is None:
                     self._stream = self._open_stream()
-                async for snapshot in self._stream:
+                # read(), not `async for`: init() already read from this stream, and
+                # grpc.aio forbids mixing the two styles on one call.
+                while (snapshot := await self._stream.read()) is not grpc.aio.EOF:
                     failures = 0
                     self._apply(snapshot)
                 lost = "stream ended"
