@@ -41,6 +41,8 @@ def _runner(args: argparse.Namespace) -> int:
     from secure_runner import pki
     from secure_runner.runner import lifetime
     from secure_runner.runner.server import RunnerServer, RunnerSettings
+    from secure_runner.runner.sandbox import options as sandbox_options
+    from secure_runner.smp.rules import TimePolicy
     from secure_runner.transport.tls import TlsFiles
 
     if args.exit_with_parent:
@@ -61,9 +63,15 @@ def _runner(args: argparse.Namespace) -> int:
         models=models,
         tls=TlsFiles(Path(cert), Path(key), Path(ca)),
         registry=Path(registry),
+        audit_log=args.audit_log,
+        replay_cache_size=args.replay_cache_size,
+        time_policy=TimePolicy(skew_seconds=args.clock_skew, max_lifetime_seconds=args.max_token_lifetime),
+        handshake_timeout_ms=args.handshake_timeout_ms,
         base_paths=args.base_path,
         host=args.host,
         port=args.port,
+        limits=sandbox_options.limits_from(args),
+        sandbox=sandbox_options.policy_from(args),
     )
     asyncio.run(_serve_until_signalled(lambda: RunnerServer(settings)))
     return 0
@@ -79,9 +87,27 @@ def _orchestrator(args: argparse.Namespace) -> int:
         base_paths=args.base_path,
         host=args.host,
         port=args.port,
+        audit_dir=args.audit_dir,
     )
     asyncio.run(_serve_until_signalled(lambda: LocalOrchestrator(settings)))
     return 0
+
+
+def _add_sandbox_flags(parser: argparse.ArgumentParser) -> None:
+    from secure_runner.runner.sandbox import options
+
+    options.add_flags(parser)
+
+
+def _sandbox_check(args: argparse.Namespace) -> int:
+    """Start a throwaway worker that applies and verifies each layer; exit 1 if a required one is missing."""
+    from secure_runner.runner.sandbox import options
+    from secure_runner.runner.supervisor import check_sandbox
+
+    policy = options.policy_from(args)
+    layers = asyncio.run(check_sandbox(options.limits_from(args), policy))
+    print(options.format_report(layers, policy))
+    return 1 if policy.refusal(layers) else 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -112,7 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     runner.add_argument("--base-path", type=Path, action="append", default=[], help="folder with the base class")
     runner.add_argument("--host", default="127.0.0.1")
     runner.add_argument("--port", type=int, default=0)
+    runner.add_argument("--audit-log", type=Path, default=Path("audit.jsonl"), help="hash-chained decision log")
+    runner.add_argument("--replay-cache-size", type=int, default=200_000, help="nonces remembered (fails closed)")
+    runner.add_argument("--clock-skew", type=int, default=5, help="seconds of clock skew tolerated")
+    runner.add_argument("--max-token-lifetime", type=int, default=60, help="seconds")
+    runner.add_argument("--handshake-timeout-ms", type=int, default=5_000)
     runner.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    _add_sandbox_flags(runner)
     _add_common(runner)
     runner.set_defaults(func=_runner)
 
@@ -121,12 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
     orch.add_argument("--submissions", type=Path, required=True)
     orch.add_argument("--pki", type=Path, required=True)
     orch.add_argument("--base-path", type=Path, action="append", default=[])
+    orch.add_argument("--audit-dir", type=Path, default=None, help="default: `audit` beside the PKI folder")
     orch.add_argument("--host", default="127.0.0.1")
     orch.add_argument("--port", type=int, default=0)
     _add_common(orch)
     orch.set_defaults(func=_orchestrator)
 
     sub.add_parser("pki", help="make a test PKI (see `secure-runner pki init --help`)", add_help=False)
+
+    check = sub.add_parser("sandbox-check", help="probe which worker sandbox layers work on this machine")
+    _add_sandbox_flags(check)
+    _add_common(check)
+    check.set_defaults(func=_sandbox_check, log_level="ERROR")
+    sub.add_parser("audit", help="verify an audit log (see `secure-runner audit verify --help`)", add_help=False)
     return parser
 
 
@@ -136,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         from secure_runner import pki
 
         return pki.main(argv[1:])
+    if argv[:1] == ["audit"]:
+        from secure_runner import audit_cli
+
+        return audit_cli.main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

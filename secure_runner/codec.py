@@ -12,7 +12,8 @@ The rules, for an auditor:
 - Limits (`CodecLimits`) bound the size of every encoded value, the nesting depth
   of JSON and the length of integers. On decode the size is checked before any
   parsing; numpy array headers are checked against the payload length before
-  numpy allocates anything.
+  numpy allocates anything; JSON trees are walked without recursion, and shared
+  sub-objects count every time they would be written.
 - Only `CodecError` leaves this module. Each per-type function runs under one guard
   (`_guarded`) that turns any other exception (a library error, or one raised by a
   strange value's own methods) into a CodecError with a stable code.
@@ -317,7 +318,14 @@ def _guarded(doing: str, function: Callable[..., Any], arg: Any, limits: CodecLi
     except MemoryError:
         raise CodecError(ErrorCode.VALUE_TOO_LARGE, f"{doing}: out of memory") from None
     except Exception as exc:
-        raise _invalid(f"{doing}: {type(exc).__name__}: {exc}"[:500]) from exc
+        raise _invalid(f"{doing}: {_describe(exc)}") from exc
+
+
+def _describe(exc: Exception) -> str:
+    try:
+        return f"{type(exc).__name__}: {exc}"[:500]
+    except Exception:  # str() of an exception raised by a strange value's own method
+        return type(exc).__name__
 
 
 def encode_data(type: int, value: Any, *, limits: CodecLimits = DEFAULT_LIMITS) -> bytes:
@@ -349,21 +357,23 @@ _INFERRED: tuple[tuple[type | tuple[type, ...], int], ...] = (
 )
 
 
-def to_variant(value: Any, *, limits: CodecLimits = DEFAULT_LIMITS) -> Variant:
-    """Encode a value (typically a model's return value), inferring its VariantType."""
+def _infer(value: Any, limits: CodecLimits) -> tuple[int, Any]:
     if _is_numpy(value, "generic"):
         value = value.item()
     if _is_numpy(value, "ndarray"):
-        variant_type = VariantType.NDARRAY
-    else:
-        for python_type, variant_type in _INFERRED:
-            if isinstance(value, python_type):
-                break
-        else:
-            raise _invalid(
-                f"cannot infer a variant type for {type(value).__name__} (expected None, bool, "
-                "int, float, str, bytes, dict, list, tuple or a numpy array or scalar)"
-            )
+        return VariantType.NDARRAY, value
+    for python_type, variant_type in _INFERRED:
+        if isinstance(value, python_type):
+            return variant_type, value
+    raise _invalid(
+        f"unsupported type {type(value).__name__} (expected None, bool, int, float, str, "
+        "bytes, dict, list, tuple, or a numpy array or scalar)"
+    )
+
+
+def to_variant(value: Any, *, limits: CodecLimits = DEFAULT_LIMITS) -> Variant:
+    """Encode a value (typically a model's return value), inferring its VariantType."""
+    variant_type, value = _guarded("cannot infer a variant type", _infer, value, limits)
     return Variant(type=variant_type, value=encode_data(variant_type, value, limits=limits))
 
 

@@ -38,6 +38,16 @@ class ErrorCode(StrEnum):
     TOKEN_EXPIRED = "TOKEN_EXPIRED"
     TOKEN_NOT_YET_VALID = "TOKEN_NOT_YET_VALID"
     TOKEN_LIFETIME_TOO_LONG = "TOKEN_LIFETIME_TOO_LONG"
+    TOKEN_ISSUED_BEFORE_START = "TOKEN_ISSUED_BEFORE_START"
+    TOKEN_REPLAYED = "TOKEN_REPLAYED"
+    REPLAY_CACHE_FULL = "REPLAY_CACHE_FULL"
+    DELEGATION_MISSING = "DELEGATION_MISSING"
+    DELEGATION_MALFORMED = "DELEGATION_MALFORMED"
+    DELEGATION_BAD_SIGNATURE = "DELEGATION_BAD_SIGNATURE"
+    DELEGATION_WRONG_MODEL = "DELEGATION_WRONG_MODEL"
+    DELEGATION_EXPIRED = "DELEGATION_EXPIRED"
+    DELEGATION_KEY_MISMATCH = "DELEGATION_KEY_MISMATCH"
+    MODEL_NOT_REGISTERED = "MODEL_NOT_REGISTERED"
     WATCHER_NOT_AUTHORIZED = "WATCHER_NOT_AUTHORIZED"
 
     # Registry and PKI files.
@@ -64,6 +74,16 @@ class ErrorCode(StrEnum):
     MODEL_TIMEOUT = "MODEL_TIMEOUT"
     WORKER_CRASHED = "WORKER_CRASHED"
     WORKER_PROTOCOL = "WORKER_PROTOCOL"
+    MEMORY_LIMIT = "MEMORY_LIMIT"  # killed by its cgroup memory limit, or over its address-space limit
+    CPU_LIMIT = "CPU_LIMIT"  # used up its CPU seconds (RLIMIT_CPU)
+    # The runner could not give the worker a required sandbox layer: the host's fault, not the model's.
+    SANDBOX_UNAVAILABLE = "SANDBOX_UNAVAILABLE"
+
+    # The audit log (smp/audit.py, transport/audit_log.py, `secure-runner audit verify`).
+    AUDIT_MALFORMED = "AUDIT_MALFORMED"
+    AUDIT_TAMPERED = "AUDIT_TAMPERED"
+    AUDIT_BROKEN_CHAIN = "AUDIT_BROKEN_CHAIN"
+    AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"
 
     # Seen by the client.
     UNREACHABLE = "UNREACHABLE"
@@ -102,3 +122,11 @@ class SetupError(SecureRunnerError):
 
 class ModelError(SecureRunnerError):
     """The model misbehaved during a call (raised, bad output, crash, timeout)."""
+
+
+class AuditError(SecureRunnerError):
+    """An audit log does not verify (`line` is 1-based), or cannot be read or written."""
+
+    def __init__(self, code: ErrorCode, message: str, *, line: int | None = None) -> None:
+        super().__init__(code, message)
+        self.line = line

@@ -8,7 +8,9 @@ signs call tokens, and each cruncher holds one too. The choices, and why:
   revocation lists or OCSP; a leaf that leaks stops working on its own soon, and
   re-issuing is one function call (`issue_certificate`, `issue_runner_certificate`).
   `not_valid_before` is backdated 5 minutes so small clock skew between hosts does
-  not make a fresh certificate "not yet valid".
+  not make a fresh certificate "not yet valid". `renew` re-issues every leaf of a
+  layout with new keys (`secure-runner pki renew DIR`); servers using
+  `transport.tls.reloading_server_credentials` pick the new files up without a restart.
 * **P-256 (ECDSA) leaf keys.** grpcio's TLS stack (BoringSSL as configured by
   gRPC) fails the handshake with NO_COMMON_SIGNATURE_ALGORITHMS when the *leaf*
   key is Ed25519, because the signature algorithms gRPC offers in the handshake
@@ -84,6 +86,7 @@ __all__ = [
     "main",
     "make_test_pki",
     "public_key_raw",
+    "renew",
     "write_certificate",
     "write_private_key",
 ]
@@ -632,6 +635,49 @@ def issue_runner_certificate(
     return cert
 
 
+def _layout_leaves(layout: PkiLayout, crunch_id: str) -> list[tuple[PeerIdentity, Path, Path]]:
+    """(identity, certificate path, key path) of every leaf certificate the layout holds."""
+    leaves: list[tuple[PeerIdentity, Path, Path]] = []
+    if layout.coordinator_cert.is_file():
+        key_id = key_id_for(public_key_raw(load_identity_key(layout.coordinator_identity)))
+        coordinator = PeerIdentity.make(crunch_id, Role.COORDINATOR, key_id)
+        leaves.append((coordinator, layout.coordinator_cert, layout.coordinator_key))
+    if layout.orchestrator_cert.is_file():
+        orchestrator = PeerIdentity.make(crunch_id, Role.ORCHESTRATOR, _ORCHESTRATOR_ID)
+        leaves.append((orchestrator, layout.orchestrator_cert, layout.orchestrator_key))
+    if layout.runners_dir.is_dir():
+        for sub in sorted(layout.runners_dir.iterdir()):
+            if sub.is_dir() and not sub.is_symlink() and (sub / "tls.crt").is_file():
+                runner = PeerIdentity.make(crunch_id, Role.RUNNER, sub.name)
+                leaves.append((runner, layout.runner_cert(sub.name), layout.runner_key(sub.name)))
+    return leaves
+
+
+def renew(layout: PkiLayout, *, days: int = 7) -> list[Path]:
+    """Re-issue every leaf certificate of `layout` with a new P-256 key; return the certificate paths.
+
+    Covers the coordinator, the orchestrator and every runner under `runners/`
+    that has a certificate. Each keeps its identity (SPIFFE id and DNS name; the
+    coordinator's still names its signing key id) and is signed by the layout's
+    existing CA; the CA, the identity keys and `registry.json` are not touched.
+    Everything is checked and issued in memory before the first file is written;
+    then, per leaf, the key and then the certificate are each replaced atomically
+    (a reloading server keeps its old pair until the matching new one is complete).
+    """
+    _check_days(days, "certificate validity")
+    ca_cert = load_certificate(layout.ca_cert)
+    ca_key = load_private_key(layout.ca_key)
+    leaves = _layout_leaves(layout, _layout_crunch_id(ca_cert))
+    if not leaves:
+        raise ConfigError(ErrorCode.PKI_INVALID, f"no leaf certificates to renew in {layout.root}")
+    issued = [(issue_certificate(ca_cert, ca_key, identity, days=days), cert_path, key_path)
+              for identity, cert_path, key_path in leaves]  # fmt: skip
+    for (cert, key), cert_path, key_path in issued:
+        write_private_key(key_path, key)
+        write_certificate(cert_path, cert)
+    return [cert_path for _, cert_path, _ in issued]
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -673,6 +719,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "--ca-days", type=int, default=30, metavar="N", help="CA and coordinator key validity (default 30)"
     )
     init.add_argument("--force", action="store_true", help="replace the files of an existing layout in OUT")
+    renew_cmd = commands.add_parser(
+        "renew",
+        help="re-issue every leaf certificate of a layout with new keys from its CA",
+        description="Re-issue the coordinator, orchestrator and runner certificates in DIR with new keys "
+        "(see secure_runner.pki.renew); the CA, identity keys and registry are kept.",
+    )
+    renew_cmd.add_argument("dir", metavar="DIR", type=Path, help="a directory written by `pki init`")
+    renew_cmd.add_argument("--days", type=int, default=7, metavar="N", help="leaf certificate validity (default 7)")
     return parser
 
 
@@ -696,12 +750,21 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _renew(args: argparse.Namespace) -> int:
+    paths = renew(PkiLayout(args.dir), days=args.days)
+    lines = [f"renewed {len(paths)} certificates in {args.dir}"]
+    for path in paths:
+        lines.append(f"  {path}  (valid until {load_certificate(path).not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC)")
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """`secure-runner pki ...`: 0 on success, 2 with one line on stderr on any error."""
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
-        return _init(args)
+        return _renew(args) if args.command == "renew" else _init(args)
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
     except _UsageError as exc:

@@ -6,21 +6,28 @@ their own workers, reached over mutual TLS on loopback with signed tokens.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from datetime import UTC, datetime, timedelta
+
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from secure_runner import codec, pki
 from secure_runner.client.security import load_signing_key
 from secure_runner.smp.identity import PeerIdentity, Role
-from secure_runner.smp.token import issue_call_token
+from secure_runner.smp.token import issue_call_token, model_id_field, split_model_id
 from secure_runner.transport import tls
-from secure_runner.transport.status import TOKEN_KEY
+from secure_runner.transport.status import TOKEN_KEY, reason_of
 from secure_runner.v1 import runner_pb2
 
 TESTS = Path(__file__).resolve().parent
@@ -52,8 +59,11 @@ def other_layout(tmp_path_factory) -> pki.PkiLayout:
 class RunnerProcess:
     """A real `secure-runner runner` subprocess hosting one submission."""
 
-    def __init__(self, layout: pki.PkiLayout, model_id: str, submission: Path | None = None) -> None:
+    def __init__(
+        self, layout: pki.PkiLayout, model_id: str, submission: Path | None = None, *extra_args: str
+    ) -> None:
         self.model_id = model_id
+        self.audit_log = layout.root.parent / f"audit-{model_id}-{time.monotonic_ns()}.jsonl"
         submission = submission or MODELS / "submissions" / model_id
         command = [
             sys.executable, "-m", "secure_runner.cli", "runner",
@@ -63,8 +73,11 @@ class RunnerProcess:
             "--base-path", str(BASE_PATH),
             "--port", "0",
             "--log-level", "INFO",
+            "--audit-log", str(self.audit_log),
             "--exit-with-parent",
+            *extra_args,
         ]
+        self.started_at = time.time()
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if not line.startswith("READY "):
@@ -72,6 +85,9 @@ class RunnerProcess:
             raise RuntimeError(f"runner did not start: {line!r}")
         self.port = int(line.split()[1])
         self.address = f"127.0.0.1:{self.port}"
+
+    def audit_entries(self) -> list[dict]:
+        return [json.loads(line) for line in self.audit_log.read_text().splitlines()]
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -85,14 +101,13 @@ class RunnerProcess:
 @pytest.fixture(scope="session")
 def runners(layout) -> Iterator[dict[str, RunnerProcess]]:
     """One shared runner per model id, started on first use."""
-    started: dict[str, RunnerProcess] = {}
-
     class Lazy(dict):
         def __missing__(self, model_id):
-            started[model_id] = RunnerProcess(layout, model_id)
-            return started[model_id]
+            self[model_id] = RunnerProcess(layout, model_id)
+            return self[model_id]
 
-    yield Lazy()
+    started = Lazy()
+    yield started
     for runner in started.values():
         runner.stop()
 
@@ -102,8 +117,8 @@ def fresh_runner(layout) -> Iterator:
     """A runner of one's own, for tests that break or restart it."""
     made: list[RunnerProcess] = []
 
-    def make(model_id: str, submission: Path | None = None) -> RunnerProcess:
-        made.append(RunnerProcess(layout, model_id, submission))
+    def make(model_id: str, submission: Path | None = None, *extra_args: str) -> RunnerProcess:
+        made.append(RunnerProcess(layout, model_id, submission, *extra_args))
         return made[-1]
 
     yield make
@@ -164,13 +179,15 @@ class RawCoordinator:
         self.cert_sha256 = tls.cert_sha256(tls.pem_to_der(layout.coordinator_cert.read_bytes()))
 
     def token(self, body: bytes, rpc: str = CALL_RPC, method: str = "", **overrides) -> bytes:
+        """A token for `body` (a whole request in the signed form: model id field first)."""
+        split = split_model_id(body)
         fields = dict(
             key_id=self.key_id,
             crunch_id=CRUNCH,
-            audience=self.model_id,
+            audience=[self.model_id],
             rpc=rpc,
             method=method,
-            body=body,
+            shared_body=split[1] if split else body,
             cert_sha256=self.cert_sha256,
             now=int(time.time()),
         )
@@ -184,12 +201,13 @@ class RawCoordinator:
         return await stub(body, metadata=metadata, timeout=timeout)
 
     async def setup(self, base_classname: str = BASE_CLASS, **kwargs) -> runner_pb2.SetupResponse:
-        body = runner_pb2.SetupRequest(model_id=self.model_id, base_classname=base_classname).SerializeToString()
+        body = model_id_field(self.model_id) + runner_pb2.SetupRequest(base_classname=base_classname).SerializeToString()
         return await self.raw(SETUP_RPC, body, ((TOKEN_KEY, self.token(body, SETUP_RPC)),), **kwargs)
 
     def call_body(self, method: str, *args) -> bytes:
         arguments, _ = codec.encode_arguments(list(args), {})
-        return runner_pb2.CallRequest(model_id=self.model_id, method=method, arguments=arguments).SerializeToString()
+        shared = runner_pb2.CallRequest(method=method, arguments=arguments).SerializeToString()
+        return model_id_field(self.model_id) + shared
 
     async def call(self, method: str, *args, timeout: float = 10.0) -> runner_pb2.CallResponse:
         body = self.call_body(method, *args)
@@ -210,3 +228,55 @@ def _no_proxy(monkeypatch):
     for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("no_proxy", "*")
+
+
+async def assert_refused(call, status: grpc.StatusCode, reason: str | None, audited_by=None) -> None:
+    """The call fails with `status` and reason code; `audited_by` (a runner) logged the denial last."""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call
+    assert err.value.code() == status, err.value.details()
+    assert reason_of(err.value) == reason
+    if reason:
+        assert err.value.details().startswith(f"{reason}: ")
+        assert "Traceback" not in err.value.details()
+    if audited_by is not None:
+        last = audited_by.audit_entries()[-1]
+        assert (last["decision"], last["code"]) == ("deny", reason), last
+
+
+def forge_certificate(
+    layout: pki.PkiLayout,
+    *,
+    uris: list[str],
+    dns: list[str] = (),
+    not_before: datetime | None = None,
+    not_after: datetime | None = None,
+) -> tuple[bytes, bytes]:
+    """A certificate signed by the layout's real CA but with whatever SANs and validity a test needs."""
+    ca_cert, ca_key = pki.load_certificate(layout.ca_cert), pki.load_private_key(layout.ca_key)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    names = [x509.UniformResourceIdentifier(u) for u in uris] + [x509.DNSName(d) for d in dns]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "forged")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or now - timedelta(minutes=5))
+        .not_valid_after(not_after or now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .sign(ca_key, None)
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def forged_credentials(layout: pki.PkiLayout, cert_pem: bytes, key_pem: bytes) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(layout.ca_cert.read_bytes(), key_pem, cert_pem)

@@ -49,6 +49,35 @@ def orchestrator(layout):
     proc.wait(15)
 
 
+@pytest.fixture
+async def own_orchestrator(layout, tmp_path):
+    """An in-process orchestrator of the test's own (disconnect reports stop its models)."""
+    submissions = tmp_path / "submissions"
+    submissions.mkdir()
+    for model_id in ("counter", "async-model"):
+        (submissions / model_id).symlink_to(MODELS / "submissions" / model_id)
+    orchestrator = LocalOrchestrator(
+        LocalOrchestratorSettings(
+            crunch_id=CRUNCH,
+            submissions=submissions,
+            pki_dir=layout.root,
+            base_paths=[BASE_PATH],
+            audit_dir=tmp_path / "audit",  # the module's orchestrator holds the default audit files
+        )
+    )
+    await orchestrator.start()
+    yield orchestrator
+    await orchestrator.stop()
+
+
+async def _stopped_by_report(orchestrator, model_id: str) -> bool:
+    for _ in range(500):
+        if orchestrator.board.get(model_id).state == orchestrator_pb2.MODEL_STATE_STOPPED:
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
 def make_client(layout, port, **overrides) -> DynamicSubclassModelConcurrentRunner:
     settings = dict(
         timeout=5.0,
@@ -114,8 +143,8 @@ async def test_undeclared_method_is_the_coordinators_error(client):
     assert {m.model_id for m in client.models} >= {"counter", "async-model"}
 
 
-async def test_timeouts_disconnect_a_model_after_the_limit(layout, orchestrator):
-    runner = make_client(layout, orchestrator, timeout=0.5, max_consecutive_timeouts=2)
+async def test_timeouts_disconnect_a_model_after_the_limit(layout, own_orchestrator):
+    runner = make_client(layout, own_orchestrator.port, timeout=0.5, max_consecutive_timeouts=2)
     await runner.init()
     for attempt in (1, 2):
         results = await runner.call("hang", json_args(3600), models=["counter"])
@@ -124,6 +153,7 @@ async def test_timeouts_disconnect_a_model_after_the_limit(layout, orchestrator)
         assert result.reason == ErrorCode.MODEL_TIMEOUT
         connected = {m.model_id for m in runner.models}
         assert ("counter" in connected) is (attempt == 1)
+    assert await _stopped_by_report(own_orchestrator, "counter")
     await runner.close()
 
 
@@ -141,8 +171,8 @@ async def test_one_timeout_then_success_keeps_the_model(layout, orchestrator):
     await runner.close()
 
 
-async def test_failures_disconnect_a_model_after_the_limit(layout, orchestrator):
-    runner = make_client(layout, orchestrator, max_consecutive_failures=2)
+async def test_failures_disconnect_a_model_after_the_limit(layout, own_orchestrator):
+    runner = make_client(layout, own_orchestrator.port, max_consecutive_failures=2)
     await runner.init()
     (first,) = (await runner.call("fail", json_args("boom"), models=["counter"])).values()
     assert first.status is CallStatus.FAILURE and first.reason == ErrorCode.MODEL_RAISED
@@ -150,6 +180,8 @@ async def test_failures_disconnect_a_model_after_the_limit(layout, orchestrator)
     assert "counter" in {m.model_id for m in runner.models}
     await runner.call("fail", json_args("boom"), models=["counter"])
     assert "counter" not in {m.model_id for m in runner.models}
+    assert await _stopped_by_report(own_orchestrator, "counter")
+    assert own_orchestrator.board.get("async-model").state == orchestrator_pb2.MODEL_STATE_RUNNING
     await runner.close()
 
 
@@ -191,18 +223,10 @@ async def test_coordinator_of_another_ca_cannot_connect(layout, other_layout, or
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-async def test_sync_applies_live_membership_changes(layout, tmp_path):
+async def test_sync_applies_live_membership_changes(layout, own_orchestrator):
     """A runner that dies leaves the client's model list; the others keep answering."""
-    submissions = tmp_path / "submissions"
-    submissions.mkdir()
-    for model_id in ("counter", "async-model"):
-        (submissions / model_id).symlink_to(MODELS / "submissions" / model_id)
-    orchestrator = LocalOrchestrator(
-        LocalOrchestratorSettings(
-            crunch_id=CRUNCH, submissions=submissions, pki_dir=layout.root, base_paths=[BASE_PATH]
-        )
-    )
-    port = await orchestrator.start()
+    orchestrator = own_orchestrator
+    port = orchestrator.port
     runner = make_client(layout, port)
     await runner.init()
     sync = asyncio.create_task(runner.sync())
@@ -220,4 +244,3 @@ async def test_sync_applies_live_membership_changes(layout, tmp_path):
         sync.cancel()
         await asyncio.gather(sync, return_exceptions=True)
         await runner.close()
-        await orchestrator.stop()

@@ -15,10 +15,11 @@ import pytest
 from nacl.signing import SigningKey
 
 from secure_runner.errors import ErrorCode
+from secure_runner.smp.token import model_id_field
 from secure_runner.transport.status import TOKEN_KEY, reason_of
 from secure_runner.v1 import runner_pb2
 
-from conftest import CALL_RPC, CRUNCH, RawCoordinator, credentials
+from conftest import CALL_RPC, RawCoordinator, assert_refused, credentials
 
 OK = runner_pb2.CALL_STATUS_SUCCESS
 
@@ -28,18 +29,14 @@ async def coordinator(layout, runners):
     runner = runners["counter"]
     client = RawCoordinator(layout, runner.address, "counter")
     assert (await client.setup()).status == OK
+    client.runner = runner
     yield client
     await client.close()
 
 
-async def _refused(call, status: grpc.StatusCode, reason: str | None) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await call
-    assert err.value.code() == status, err.value.details()
-    assert reason_of(err.value) == reason
-    if reason:
-        assert err.value.details().startswith(f"{reason}: ")
-        assert "Traceback" not in err.value.details()
+async def _refused(coordinator, call, status, reason):
+    """Refused with this status and reason; audited as a denial when the runner saw the call."""
+    await assert_refused(call, status, reason, audited_by=coordinator.runner if reason else None)
 
 
 async def test_authorized_call_reaches_the_model(coordinator):
@@ -55,6 +52,7 @@ async def test_plaintext_client_is_refused(coordinator, runners):
         body = coordinator.call_body("echo", 1)
         stub = channel.unary_unary(CALL_RPC, response_deserializer=runner_pb2.CallResponse.FromString)
         await _refused(
+        coordinator,
             stub(body, metadata=((TOKEN_KEY, coordinator.token(body, method="echo")),), timeout=5),
             grpc.StatusCode.UNAVAILABLE,
             None,
@@ -65,7 +63,7 @@ async def test_plaintext_client_is_refused(coordinator, runners):
 async def test_client_without_certificate_is_refused(coordinator, layout, runners):
     before = await coordinator.count()
     anonymous = RawCoordinator(layout, runners["counter"].address, "counter", creds=credentials(layout, client_cert=False))
-    await _refused(anonymous.call("echo", 1, timeout=5), grpc.StatusCode.UNAVAILABLE, None)
+    await _refused(coordinator, anonymous.call("echo", 1, timeout=5), grpc.StatusCode.UNAVAILABLE, None)
     await anonymous.close()
     assert await coordinator.count() == before
 
@@ -80,7 +78,7 @@ async def test_client_certificate_from_another_ca_is_refused(coordinator, other_
         certificate_chain=other_layout.coordinator_cert.read_bytes(),
     )
     intruder = RawCoordinator(other_layout, runners["counter"].address, "counter", creds=creds)
-    await _refused(intruder.call("echo", 1, timeout=5), grpc.StatusCode.UNAVAILABLE, None)
+    await _refused(coordinator, intruder.call("echo", 1, timeout=5), grpc.StatusCode.UNAVAILABLE, None)
     await intruder.close()
     assert await coordinator.count() == before
 
@@ -88,14 +86,14 @@ async def test_client_certificate_from_another_ca_is_refused(coordinator, other_
 async def test_server_with_another_models_certificate_is_refused_before_sending(layout, runners):
     # The client expects "async-model"; the server holds the counter's certificate.
     client = RawCoordinator(layout, runners["counter"].address, "async-model")
-    await _refused(client.call("echo", 1, timeout=5), grpc.StatusCode.UNAVAILABLE, None)
+    await assert_refused(client.call("echo", 1, timeout=5), grpc.StatusCode.UNAVAILABLE, None)
     await client.close()
 
 
 async def test_call_without_token_is_refused(coordinator):
     before = await coordinator.count()
     body = coordinator.call_body("echo", 1)
-    await _refused(coordinator.raw(CALL_RPC, body), grpc.StatusCode.UNAUTHENTICATED, ErrorCode.TOKEN_MISSING)
+    await _refused(coordinator, coordinator.raw(CALL_RPC, body), grpc.StatusCode.UNAUTHENTICATED, ErrorCode.TOKEN_MISSING)
     assert await coordinator.count() == before
 
 
@@ -105,11 +103,13 @@ async def test_token_from_unregistered_key_is_refused(coordinator):
     body = coordinator.call_body("echo", 1)
     token = coordinator.token(body, method="echo", key=rogue, key_id="k000000000000000000000000")
     await _refused(
+        coordinator,
         coordinator.raw(CALL_RPC, body, ((TOKEN_KEY, token),)), grpc.StatusCode.UNAUTHENTICATED, ErrorCode.KEY_UNKNOWN
     )
     # The registered key id with another key's signature is a bad signature.
     token = coordinator.token(body, method="echo", key=rogue)
     await _refused(
+        coordinator,
         coordinator.raw(CALL_RPC, body, ((TOKEN_KEY, token),)),
         grpc.StatusCode.UNAUTHENTICATED,
         ErrorCode.TOKEN_BAD_SIGNATURE,
@@ -122,6 +122,7 @@ async def test_expired_token_is_refused(coordinator):
     body = coordinator.call_body("echo", 1)
     token = coordinator.token(body, method="echo", now=int(time.time()) - 120, lifetime=30)
     await _refused(
+        coordinator,
         coordinator.raw(CALL_RPC, body, ((TOKEN_KEY, token),)), grpc.StatusCode.UNAUTHENTICATED, ErrorCode.TOKEN_EXPIRED
     )
     assert await coordinator.count() == before
@@ -153,28 +154,29 @@ async def test_forged_tokens_are_refused(coordinator, forgery, status, reason):
         "other_crunch": [sign(body, method="echo", crunch_id="another-crunch")],
         "other_rpc": [sign(body, rpc="/secure_runner.v1.ModelRunner/Reset", method="echo")],
         "other_model_method": [sign(body, method="fail")],
-        "other_audience": [sign(body, method="echo", audience="async-model")],
+        "other_audience": [sign(body, method="echo", audience=["async-model"])],
         "lifetime_too_long": [sign(body, method="echo", lifetime=3600)],
         "issued_in_future": [sign(body, method="echo", now=int(time.time()) + 600)],
         "garbage_token": [b"\x00garbage"],
-        "oversized_token": [b"v4.public." + b"A" * 5000],
+        "oversized_token": [b"v4.public." + b"A" * 9000],
         "two_tokens": [sign(body, method="echo"), sign(body, method="echo")],
     }[forgery]
     metadata = tuple((TOKEN_KEY, token) for token in tokens)
-    await _refused(coordinator.raw(CALL_RPC, body, metadata), status, reason)
+    await _refused(coordinator, coordinator.raw(CALL_RPC, body, metadata), status, reason)
     assert await coordinator.count() == before
 
 
 async def test_unparsable_request_without_token_is_refused_unparsed(coordinator):
     # Authentication comes first: garbage without a token is UNAUTHENTICATED, not a parse error.
-    await _refused(coordinator.raw(CALL_RPC, b"\xff\xff\xff"), grpc.StatusCode.UNAUTHENTICATED, ErrorCode.TOKEN_MISSING)
+    await _refused(coordinator, coordinator.raw(CALL_RPC, b"\xff\xff\xff"), grpc.StatusCode.UNAUTHENTICATED, ErrorCode.TOKEN_MISSING)
 
 
 async def test_unparsable_request_with_valid_token_is_invalid_argument(coordinator):
     before = await coordinator.count()
-    garbage = b"\xff\xff\xff"
+    garbage = model_id_field("counter") + b"\xff\xff\xff"
     token = coordinator.token(garbage, method="echo")
     await _refused(
+        coordinator,
         coordinator.raw(CALL_RPC, garbage, ((TOKEN_KEY, token),)),
         grpc.StatusCode.INVALID_ARGUMENT,
         ErrorCode.MALFORMED_REQUEST,
@@ -185,21 +187,23 @@ async def test_unparsable_request_with_valid_token_is_invalid_argument(coordinat
 @pytest.mark.parametrize("method", ["__init__", "__class__", "_private", "secret_method", "no_such_method", ""])
 async def test_undeclared_methods_are_refused(coordinator, method):
     before = await coordinator.count()
-    await _refused(coordinator.call(method), grpc.StatusCode.PERMISSION_DENIED, ErrorCode.METHOD_NOT_ALLOWED)
+    await _refused(coordinator, coordinator.call(method), grpc.StatusCode.PERMISSION_DENIED, ErrorCode.METHOD_NOT_ALLOWED)
     assert await coordinator.count() == before
 
 
 async def test_unknown_model_is_not_found(layout, runners):
     client = RawCoordinator(layout, runners["counter"].address, "nobody-here", server_model_id="counter")
-    await _refused(client.call("echo", 1), grpc.StatusCode.NOT_FOUND, ErrorCode.MODEL_UNKNOWN)
+    await assert_refused(
+        client.call("echo", 1), grpc.StatusCode.NOT_FOUND, ErrorCode.MODEL_UNKNOWN, audited_by=runners["counter"]
+    )
     await client.close()
 
 
 async def test_bad_arguments_are_the_callers_error_and_reach_no_model_code(coordinator):
     before = await coordinator.count()
-    request = runner_pb2.CallRequest(model_id="counter", method="echo")
+    request = runner_pb2.CallRequest(method="echo")
     request.arguments.add(position=2)  # positions must start at 1
-    body = request.SerializeToString()
+    body = model_id_field("counter") + request.SerializeToString()
     response = await coordinator.raw(CALL_RPC, body, ((TOKEN_KEY, coordinator.token(body, method="echo")),))
     assert response.status == runner_pb2.CALL_STATUS_FAILURE
     assert response.error.code == ErrorCode.INVALID_ARGUMENTS

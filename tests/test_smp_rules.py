@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -13,8 +14,16 @@ from nacl.signing import SigningKey
 
 from secure_runner.errors import AuthError, ErrorCode
 from secure_runner.smp import paseto, rules
-from secure_runner.smp.registry import CoordinatorKey, CrunchEntry, Registry
-from secure_runner.smp.token import IMPLICIT_ASSERTION, issue_call_token, sha256_b64url
+from secure_runner.smp.registry import CoordinatorKey, CrunchEntry, ModelEntry, Registry
+from secure_runner.smp.replay import ReplayCache
+from secure_runner.smp.token import (
+    IMPLICIT_ASSERTION,
+    issue_call_token,
+    issue_delegation,
+    model_id_field,
+    sha256_b64url,
+    split_model_id,
+)
 
 CRUNCH = "c1"
 KEY = SigningKey(b"\x01" * 32)
@@ -23,7 +32,8 @@ PEER = (f"spiffe://{CRUNCH}/coordinator/{KID}",)
 CERT = "C" * 43
 RPC = "/secure_runner.v1.ModelRunner/Call"
 NOW = 1_800_000_000
-BODY = b"request bytes"
+SHARED = b"request bytes"
+BODY = model_id_field("m1") + SHARED
 
 
 def registry(**key_fields) -> Registry:
@@ -33,16 +43,16 @@ def registry(**key_fields) -> Registry:
 
 def token(**overrides) -> bytes:
     fields = dict(
-        key_id=KID, crunch_id=CRUNCH, audience="m1", rpc=RPC, method="predict",
-        body=BODY, cert_sha256=CERT, now=NOW, lifetime=30,
+        key_id=KID, crunch_id=CRUNCH, audience=["m1"], rpc=RPC, method="predict",
+        shared_body=SHARED, cert_sha256=CERT, now=NOW, lifetime=30,
     )
     fields.update(overrides)
     return issue_call_token(overrides.pop("key", KEY), **{k: v for k, v in fields.items() if k != "key"})
 
 
-def verify(tok: bytes, *, now: int = NOW, peer=PEER, body=BODY, reg: Registry | None = None):
-    ctx = rules.CallContext(CRUNCH, RPC, peer, CERT, body, now)
-    return rules.verify_call([tok], ctx, reg or registry())
+def verify(tok: bytes, *, now: int = NOW, peer=PEER, body=BODY, reg: Registry | None = None, started_at: int = 0):
+    ctx = rules.CallContext(CRUNCH, RPC, peer, CERT, body, now, started_at)
+    return rules.verify_token([tok], ctx, reg or registry())[0]
 
 
 def code_of(call) -> ErrorCode:
@@ -51,12 +61,9 @@ def code_of(call) -> ErrorCode:
     return err.value.code
 
 
-def test_valid_token_passes_and_binds_the_target():
+def test_valid_token_passes():
     claims = verify(token())
-    assert (claims.aud, claims.method, claims.bh) == ("m1", "predict", sha256_b64url(BODY))
-    rules.check_request_target(claims, "m1", "predict")
-    assert code_of(lambda: rules.check_request_target(claims, "m2", "predict")) == ErrorCode.TOKEN_WRONG_AUDIENCE
-    assert code_of(lambda: rules.check_request_target(claims, "m1", "tick")) == ErrorCode.TOKEN_WRONG_METHOD
+    assert (claims.aud, claims.method, claims.bh) == (["m1"], "predict", sha256_b64url(SHARED))
 
 
 @pytest.mark.parametrize(
@@ -168,3 +175,119 @@ def test_any_flipped_byte_is_refused(position, flip):
     tok[position] ^= flip
     with pytest.raises(AuthError):
         verify(bytes(tok))
+
+
+# -- SMP-11, SMP-13, SMP-14 and the start-time rule: authorize_call ---------------------
+
+
+@dataclass
+class Request:
+    model_id: str
+    method: str = "predict"
+
+
+def authorize(tok: bytes, *, body=BODY, parsed: Request | None = None, cache=None, now=NOW, started_at=0):
+    ctx = rules.CallContext(CRUNCH, RPC, PEER, CERT, body, now, started_at)
+    parsed = parsed or Request(split_model_id(body)[0])
+    cache = ReplayCache() if cache is None else cache  # an empty cache is falsy
+    return rules.authorize_call([tok], ctx, registry(), cache, lambda raw: parsed)
+
+
+def test_one_token_serves_every_model_of_its_audience_once():
+    tok = token(audience=["m1", "m2"])
+    cache = ReplayCache()
+    for model_id in ("m1", "m2"):
+        claims, request = authorize(tok, body=model_id_field(model_id) + SHARED, cache=cache)
+        assert request.model_id == model_id
+    assert code_of(lambda: authorize(tok, cache=cache)) == ErrorCode.TOKEN_REPLAYED
+    assert len(cache) == 2
+
+
+def test_request_outside_the_audience_is_refused():
+    assert code_of(lambda: authorize(token(), body=model_id_field("m2") + SHARED)) == ErrorCode.TOKEN_WRONG_AUDIENCE
+    # A parsed model id that differs from the signed prefix (a second field 1 later on).
+    assert code_of(lambda: authorize(token(), parsed=Request("m2"))) == ErrorCode.TOKEN_WRONG_AUDIENCE
+    assert code_of(lambda: authorize(token(), parsed=Request("m1", "tick"))) == ErrorCode.TOKEN_WRONG_METHOD
+
+
+@pytest.mark.parametrize("body", [SHARED, b"", b"\x0a\x40" + b"x" * 64, b"\x0a\x05m1"], ids=["no-prefix", "empty", "id-too-long", "truncated"])
+def test_body_not_in_signed_form_is_refused(body):
+    assert code_of(lambda: verify(token(), body=body)) == ErrorCode.TOKEN_BODY_MISMATCH
+
+
+def test_tokens_issued_before_the_verifier_started_are_refused():
+    authorize(token(), started_at=NOW)
+    assert code_of(lambda: authorize(token(), started_at=NOW + 1)) == ErrorCode.TOKEN_ISSUED_BEFORE_START
+
+
+def test_replay_cache_is_bounded_and_fails_closed():
+    cache = ReplayCache(capacity=2)
+    authorize(token(), cache=cache)
+    authorize(token(), cache=cache)
+    assert code_of(lambda: authorize(token(), cache=cache)) == ErrorCode.REPLAY_CACHE_FULL
+    assert len(cache) == 2
+    # Once the cached tokens can no longer pass the time check, their entries make room.
+    later = NOW + 30 + 5
+    authorize(token(now=later), cache=cache, now=later)
+    assert len(cache) == 1
+
+
+# -- SMP-30..35: runner identity delegation ---------------------------------------------
+
+CRUNCHER = SigningKey(b"\x02" * 32)
+SPKI = "S" * 43
+
+
+def model_registry(cruncher_key=CRUNCHER) -> Registry:
+    model = ModelEntry(
+        model_id="m1", cruncher_id="alice", identity_public_key=base64.b64encode(bytes(cruncher_key.verify_key)).decode()
+    )
+    return Registry(crunches={CRUNCH: CrunchEntry(models=[model])})
+
+
+def delegation(key=CRUNCHER, **overrides) -> bytes:
+    fields = dict(crunch_id=CRUNCH, model_id="m1", spki_sha256=SPKI, now=NOW, lifetime=86400)
+    fields.update(overrides)
+    return issue_delegation(key, **fields)
+
+
+def check(tok: bytes, *, reg=None, model_id="m1", spki=SPKI, now=NOW):
+    return rules.verify_delegation(
+        tok, registry=reg or model_registry(), crunch_id=CRUNCH, model_id=model_id, presented_spki_sha256=spki, now=now
+    )
+
+
+def test_valid_delegation_names_model_and_key():
+    claims = check(delegation())
+    assert (claims.model, claims.spki) == ("m1", SPKI)
+
+
+@pytest.mark.parametrize(
+    ("make", "code"),
+    [
+        (lambda: check(b""), ErrorCode.DELEGATION_MISSING),
+        (lambda: check(b"v4.public." + b"A" * 3000), ErrorCode.DELEGATION_MALFORMED),
+        (lambda: check(delegation(), reg=Registry(crunches={CRUNCH: CrunchEntry()})), ErrorCode.MODEL_NOT_REGISTERED),
+        (lambda: check(delegation(key=SigningKey(b"\x03" * 32))), ErrorCode.DELEGATION_BAD_SIGNATURE),
+        (lambda: check(b"v4.local.xyz"), ErrorCode.DELEGATION_MALFORMED),
+        (lambda: check(delegation(model_id="m2")), ErrorCode.DELEGATION_WRONG_MODEL),
+        (lambda: check(delegation(crunch_id="other")), ErrorCode.DELEGATION_WRONG_MODEL),
+        (lambda: check(delegation(), now=NOW + 86400 + 5), ErrorCode.DELEGATION_EXPIRED),
+        (lambda: check(delegation(now=NOW + 60)), ErrorCode.DELEGATION_EXPIRED),
+        (lambda: check(delegation(lifetime=40 * 86400)), ErrorCode.DELEGATION_EXPIRED),
+        (lambda: check(delegation(), spki="T" * 43), ErrorCode.DELEGATION_KEY_MISMATCH),
+    ],
+    ids=["missing", "oversized", "not-registered", "other-signer", "not-v4-public", "other-model", "other-crunch",
+         "expired", "future", "too-long", "other-tls-key"],
+)
+def test_delegation_rules(make, code):
+    assert code_of(make) == code
+
+
+def test_a_call_token_is_never_a_delegation():
+    # Same key, PASETO v4.public, but signed for calls: the implicit assertions differ.
+    call_token = issue_call_token(
+        CRUNCHER, key_id="alice", crunch_id=CRUNCH, audience=["m1"], rpc=RPC, method="", shared_body=b"",
+        cert_sha256=CERT, now=NOW,
+    )
+    assert code_of(lambda: check(call_token)) == ErrorCode.DELEGATION_BAD_SIGNATURE

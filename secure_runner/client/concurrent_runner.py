@@ -16,18 +16,24 @@ from collections.abc import Iterable, Sequence
 
 import grpc
 
-from secure_runner.client.remote_model import ModelState, RemoteModel
+from secure_runner.client.remote_model import CALL_RPC, ModelState, RemoteModel
 from secure_runner.client.results import CallResult, ModelIdentity
 from secure_runner.client.security import CallSigner, CoordinatorSecurity
 from secure_runner.errors import ConfigError, ErrorCode, RequestError
 from secure_runner.smp.identity import PeerIdentity, Role, validate_id
+from secure_runner.smp.token import MAX_AUDIENCE, model_id_field
 from secure_runner.transport import tls
+from secure_runner.transport.registry_file import RegistryFile
+from secure_runner.transport.status import TOKEN_KEY
 from secure_runner.v1 import orchestrator_pb2, orchestrator_pb2_grpc, runner_pb2, values_pb2
 
 log = logging.getLogger(__name__)
 
 ORCHESTRATOR_ID = "orchestrator"
+REPORT_RPC = "/secure_runner.v1.Orchestrator/ReportFailure"
 RESYNC_BACKOFF_SECONDS = (0.5, 1, 2, 5, 10)
+REPORT_ATTEMPTS = 20
+CLOSE_GRACE_SECONDS = 5.0
 
 
 class DynamicSubclassModelConcurrentRunner:
@@ -58,6 +64,7 @@ class DynamicSubclassModelConcurrentRunner:
         self._connect_timeout = connect_timeout
         self._setup_timeout = setup_timeout
         self._signer = CallSigner(security, crunch_id)
+        self._registry = RegistryFile(security.registry)
         self._address = f"{host}:{port}"
         self._models: dict[str, RemoteModel] = {}
         self._dropped: set[tuple[str, str]] = set()  # (model id, deployment id) disconnected by the limits
@@ -68,13 +75,16 @@ class DynamicSubclassModelConcurrentRunner:
 
     # -- model list -------------------------------------------------------------------
 
-    def _open_stream(self):
+    def _orchestrator_channel(self) -> grpc.aio.Channel:
         if self._channel is None:
             server_name = PeerIdentity.make(self.crunch_id, Role.ORCHESTRATOR, ORCHESTRATOR_ID).tls_server_name
             self._channel = grpc.aio.secure_channel(
                 self._address, tls.channel_credentials(self._security.tls), options=tls.channel_options(server_name)
             )
-        stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
+        return self._channel
+
+    def _open_stream(self):
+        stub = orchestrator_pb2_grpc.OrchestratorStub(self._orchestrator_channel())
         return stub.WatchModels(orchestrator_pb2.WatchModelsRequest(crunch_id=self.crunch_id), wait_for_ready=True)
 
     async def init(self) -> None:
@@ -139,7 +149,15 @@ class DynamicSubclassModelConcurrentRunner:
         except ConfigError as exc:
             log.warning("ignoring model with invalid id: %s", exc)
             return
-        model = RemoteModel(identity, info.address, self.crunch_id, self._security, self._signer)
+        model = RemoteModel(
+            identity,
+            info.address,
+            info.runner_delegation,
+            self.crunch_id,
+            self._security,
+            self._signer,
+            self._registry.current,
+        )
         self._models[info.model_id] = model
         self._setups[info.model_id] = asyncio.create_task(
             model.setup(self.base_classname, self._instance_args, self._instance_kwargs, self._setup_timeout)
@@ -151,9 +169,7 @@ class DynamicSubclassModelConcurrentRunner:
         if task is not None:
             task.cancel()
         model.state = ModelState.DISCONNECTED
-        close = asyncio.create_task(model.close())
-        self._closing.add(close)
-        close.add_done_callback(self._closing.discard)
+        self._background(model.close())
         return model
 
     @property
@@ -180,8 +196,14 @@ class DynamicSubclassModelConcurrentRunner:
             )
         shared = runner_pb2.CallRequest(method=method, arguments=arguments or (), kwargs=kwargs or ())
         shared_bytes = shared.SerializeToString()
+        # One signature per MAX_AUDIENCE models, not one per model.
+        tokens: dict[str, bytes] = {}
+        for start in range(0, len(ready), MAX_AUDIENCE):
+            chunk = [m.model_id for m in ready[start : start + MAX_AUDIENCE]]
+            token = self._signer.sign(audience=chunk, rpc=CALL_RPC, method=method, shared_body=shared_bytes)
+            tokens.update(dict.fromkeys(chunk, token))
         results = await asyncio.gather(
-            *(m.call(_with_model_id(m.model_id, shared_bytes), method, self.timeout) for m in targets)
+            *(m.call(shared_bytes, tokens.get(m.model_id, b""), self.timeout) for m in targets)
         )
         for model, result in zip(targets, results, strict=True):
             model.record(result)
@@ -201,22 +223,47 @@ class DynamicSubclassModelConcurrentRunner:
             )
             self._dropped.add((model.model_id, model.identity.deployment_id))
             self._forget(model.model_id)
+            self._background(self._report_failure(model))
+
+    def _background(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _report_failure(self, model: RemoteModel) -> None:
+        """Tell the orchestrator to stop the model; retried with backoff until it answers."""
+        shared = orchestrator_pb2.FailureReport(
+            deployment_id=model.identity.deployment_id,
+            reason="MAX_CONSECUTIVE_TIMEOUTS" if model.consecutive_timeouts >= self.max_consecutive_timeouts
+            else "MAX_CONSECUTIVE_FAILURES",
+            consecutive_failures=model.consecutive_failures,
+            consecutive_timeouts=model.consecutive_timeouts,
+        ).SerializeToString()
+        report = self._orchestrator_channel().unary_unary(
+            REPORT_RPC, response_deserializer=orchestrator_pb2.FailureReportAck.FromString
+        )
+        for attempt in range(REPORT_ATTEMPTS):
+            token = self._signer.sign(audience=[model.model_id], rpc=REPORT_RPC, method="", shared_body=shared)
+            try:
+                ack = await report(model_id_field(model.model_id) + shared, metadata=((TOKEN_KEY, token),), timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                delay = RESYNC_BACKOFF_SECONDS[min(attempt, len(RESYNC_BACKOFF_SECONDS) - 1)]
+                log.warning("failure report for %s not delivered (%s); retrying in %.1f s", model.model_id, exc.code().name, delay)
+                await asyncio.sleep(delay)
+                continue
+            log.info("failure report for %s delivered; stopped=%s", model.model_id, ack.stopped)
+            return
+        log.error("failure report for %s abandoned after %d attempts", model.model_id, REPORT_ATTEMPTS)
 
     async def close(self) -> None:
         for model_id in list(self._models):
             self._forget(model_id)
-        await asyncio.gather(*self._closing, return_exceptions=True)
+        if self._closing:  # channel closes and failure reports still being delivered
+            _, pending = await asyncio.wait(set(self._closing), timeout=CLOSE_GRACE_SECONDS)
+            for task in pending:
+                task.cancel()
         if self._stream is not None:
             self._stream.cancel()
         if self._channel is not None:
             with contextlib.suppress(Exception):
                 await self._channel.close()
-
-
-def _with_model_id(model_id: str, shared_bytes: bytes) -> bytes:
-    """A CallRequest's bytes for one model: the model id field, then the shared fields.
-
-    Protobuf fields may appear in any order, so the arguments are serialized once
-    per fan-out and only the small model id field differs per model.
-    """
-    return runner_pb2.CallRequest(model_id=model_id).SerializeToString() + shared_bytes

@@ -1,16 +1,20 @@
 """One remote model as the coordinator sees it: a channel, its setup, its counters.
 
-The channel pins the runner's identity (`<model-id>.runner.<crunch>.invalid`)
-as the TLS server name, so a runner without that model's certificate fails the
-handshake before any request is sent. Requests are serialized here and signed
+Before any request leaves, the runner's identity is checked twice: the TLS
+server name is pinned to `<model-id>.runner.<crunch>.invalid` (a certificate
+from the crunch CA for exactly that model), and the cruncher's signed
+delegation must bind the TLS key the runner presents (SMP-30..35, checked
+against the coordinator's registry). A runner that fails either is reported as
+an auth failure for that model only. Requests are serialized here and signed
 over their exact bytes; gRPC sends those bytes unchanged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 
 import grpc
@@ -18,8 +22,11 @@ import grpc
 from secure_runner import codec
 from secure_runner.client.results import CallResult, CallStatus, ModelIdentity
 from secure_runner.client.security import CallSigner, CoordinatorSecurity
-from secure_runner.errors import CodecError, ErrorCode
+from secure_runner.errors import AuthError, CodecError, ErrorCode, RequestError
+from secure_runner.smp import rules
 from secure_runner.smp.identity import PeerIdentity, Role
+from secure_runner.smp.registry import Registry
+from secure_runner.smp.token import model_id_field
 from secure_runner.transport import tls
 from secure_runner.transport.status import TOKEN_KEY, reason_of
 from secure_runner.v1 import runner_pb2, values_pb2
@@ -35,6 +42,8 @@ MODEL_FAULTS = frozenset(
         ErrorCode.MODEL_OUTPUT_INVALID,
         ErrorCode.WORKER_CRASHED,
         ErrorCode.WORKER_PROTOCOL,
+        ErrorCode.MEMORY_LIMIT,
+        ErrorCode.CPU_LIMIT,
         ErrorCode.SETUP_NO_CANDIDATE,
         ErrorCode.SETUP_MANY_CANDIDATES,
         ErrorCode.SETUP_IMPORT_FAILED,
@@ -50,6 +59,7 @@ _STATUS = {
 
 class ModelState(StrEnum):
     CONNECTING = "CONNECTING"
+    IDENTITY_REJECTED = "IDENTITY_REJECTED"
     READY = "READY"
     SETUP_FAILED = "SETUP_FAILED"
     UNREACHABLE = "UNREACHABLE"
@@ -61,21 +71,27 @@ class RemoteModel:
         self,
         identity: ModelIdentity,
         address: str,
+        delegation: bytes,
         crunch_id: str,
         security: CoordinatorSecurity,
         signer: CallSigner,
+        registry: Callable[[], Registry],
     ) -> None:
         self.identity = identity
         self.address = address
+        self._delegation = delegation
+        self._crunch_id = crunch_id
+        self._security = security
+        self._registry = registry
         self.state = ModelState.CONNECTING
         self.methods: frozenset[str] = frozenset()
         self.setup_error: tuple[str, str] | None = None
         self.consecutive_failures = 0
         self.consecutive_timeouts = 0
         self._signer = signer
-        server_name = PeerIdentity.make(crunch_id, Role.RUNNER, identity.model_id).tls_server_name
+        self._server_name = PeerIdentity.make(crunch_id, Role.RUNNER, identity.model_id).tls_server_name
         self._channel = grpc.aio.secure_channel(
-            address, tls.channel_credentials(security.tls), options=tls.channel_options(server_name)
+            address, tls.channel_credentials(security.tls), options=tls.channel_options(self._server_name)
         )
         self._setup = self._channel.unary_unary(SETUP_RPC, response_deserializer=runner_pb2.SetupResponse.FromString)
         self._call = self._channel.unary_unary(CALL_RPC, response_deserializer=runner_pb2.CallResponse.FromString)
@@ -84,8 +100,20 @@ class RemoteModel:
     def model_id(self) -> str:
         return self.identity.model_id
 
-    def _metadata(self, rpc: str, method: str, body: bytes) -> tuple[tuple[str, bytes], ...]:
-        return ((TOKEN_KEY, self._signer.sign(audience=self.model_id, rpc=rpc, method=method, body=body)),)
+    async def verify_identity(self) -> None:
+        """SMP-30..35 on the certificate the runner presents, before any request is sent."""
+        host, _, port = self.address.rpartition(":")
+        der = await asyncio.to_thread(
+            tls.fetch_server_certificate, host, int(port), self._security.tls, self._server_name
+        )
+        rules.verify_delegation(
+            self._delegation,
+            registry=self._registry(),
+            crunch_id=self._crunch_id,
+            model_id=self.model_id,
+            presented_spki_sha256=tls.spki_sha256(der),
+            now=int(time.time()),
+        )
 
     async def setup(
         self,
@@ -94,13 +122,24 @@ class RemoteModel:
         kwargs: Sequence[values_pb2.KwArgument],
         timeout: float,
     ) -> None:
-        """Connect and set the model up; the outcome is recorded in `state`."""
-        body = runner_pb2.SetupRequest(
-            model_id=self.model_id, base_classname=base_classname, arguments=arguments, kwargs=kwargs
+        """Check the runner's identity, then set the model up; the outcome is recorded in `state`."""
+        try:
+            await self.verify_identity()
+        except (AuthError, RequestError) as exc:
+            self.state = ModelState.IDENTITY_REJECTED if isinstance(exc, AuthError) else ModelState.UNREACHABLE
+            self.setup_error = (exc.code, exc.message)
+            log.warning("model %s at %s: runner identity not verified: %s", self.model_id, self.address, exc)
+            return
+        shared = runner_pb2.SetupRequest(
+            base_classname=base_classname, arguments=arguments, kwargs=kwargs
         ).SerializeToString()
+        token = self._signer.sign(audience=[self.model_id], rpc=SETUP_RPC, method="", shared_body=shared)
         try:
             response = await self._setup(
-                body, metadata=self._metadata(SETUP_RPC, "", body), timeout=timeout, wait_for_ready=True
+                model_id_field(self.model_id) + shared,
+                metadata=((TOKEN_KEY, token),),
+                timeout=timeout,
+                wait_for_ready=True,
             )
         except grpc.aio.AioRpcError as exc:
             self.state = ModelState.UNREACHABLE
@@ -114,15 +153,15 @@ class RemoteModel:
             self.setup_error = (response.error.code, response.error.message)
             log.warning("model %s: setup refused: %s", self.model_id, self.setup_error)
 
-    async def call(self, body: bytes, method: str, timeout: float) -> CallResult:
-        """One call with pre-serialized request bytes; always returns a result."""
+    async def call(self, shared: bytes, token: bytes, timeout: float) -> CallResult:
+        """One call: the fan-out's shared request bytes and token; always returns a result."""
         if self.state is not ModelState.READY:
             code, message = self.setup_error or (ErrorCode.UNREACHABLE, f"model is {self.state}")
             return self._result(CallStatus.FAILURE, reason=code, message=message)
-        metadata = self._metadata(CALL_RPC, method, body)
+        body = model_id_field(self.model_id) + shared
         started = time.perf_counter()
         try:
-            response = await self._call(body, metadata=metadata, timeout=timeout)
+            response = await self._call(body, metadata=((TOKEN_KEY, token),), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             latency = _micros(started)
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -1,13 +1,16 @@
-"""What a coordinator needs to be trusted: its TLS files and its signing key.
+"""What a coordinator needs: its TLS files, its signing key and the registry.
 
 The signing key's id (derived from its public key) must be registered for the
 crunch; the coordinator's TLS certificate names the same key id in its SPIFFE
-id, and every call token is bound to that certificate's SHA-256.
+id, and every call token is bound to that certificate's SHA-256. The registry
+is the coordinator's own copy of who the crunch's models are: runner identities
+are checked against it, never against the orchestrator's word.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,7 @@ class CoordinatorSecurity:
 
     tls: tls.TlsFiles
     identity_key: Path
+    registry: Path
     token_lifetime_seconds: int = 30
 
     @classmethod
@@ -38,6 +42,7 @@ class CoordinatorSecurity:
         return cls(
             tls=tls.TlsFiles(layout.coordinator_cert, layout.coordinator_key, layout.ca_cert),
             identity_key=layout.coordinator_identity,
+            registry=layout.registry,
         )
 
 
@@ -52,7 +57,8 @@ class CallSigner:
         self._crunch_id = crunch_id
         self._lifetime = security.token_lifetime_seconds
 
-    def sign(self, *, audience: str, rpc: str, method: str, body: bytes) -> bytes:
+    def sign(self, *, audience: Sequence[str], rpc: str, method: str, shared_body: bytes) -> bytes:
+        """One token for `model_id_field(m) + shared_body`, for every model m in `audience`."""
         return issue_call_token(
             self._key,
             key_id=self.key_id,
@@ -60,7 +66,7 @@ class CallSigner:
             audience=audience,
             rpc=rpc,
             method=method,
-            body=body,
+            shared_body=shared_body,
             cert_sha256=self._cert_sha256,
             now=int(time.time()),
             lifetime=self._lifetime,

@@ -5,6 +5,11 @@ model id; only models present in the registry are started (their names and
 cruncher come from the registry, never from the untrusted folder). Each runner
 gets its own certificate for `spiffe://<crunch>/runner/<model-id>`, listens on
 a loopback port of its choosing and reports it on stdout (`READY <port>`).
+
+Standing in for the crunchers, it signs each runner's identity delegation with
+the cruncher's identity key from the test PKI. That is the one thing a real
+deployment must not copy: there, each cruncher signs its own delegation and the
+orchestrator only relays it.
 """
 
 from __future__ import annotations
@@ -14,16 +19,24 @@ import contextlib
 import logging
 import secrets
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from nacl.signing import SigningKey
 
 from secure_runner import pki
-from secure_runner.orchestrator.service import ModelBoard, OrchestratorServicer
+from secure_runner.orchestrator.service import REPORT_RPC, ModelBoard, OrchestratorServicer
 from secure_runner.smp.identity import validate_id
+from secure_runner.smp.replay import ReplayCache
+from secure_runner.smp.token import issue_delegation
 from secure_runner.transport import tls
+from secure_runner.transport.audit_log import AuditLog
 from secure_runner.transport.registry_file import RegistryFile
+from secure_runner.transport.token_auth import TokenAuthInterceptor
 from secure_runner.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -41,6 +54,11 @@ class LocalOrchestratorSettings:
     port: int = 0
     runner_start_timeout: float = 30.0
     runner_log_level: str = "WARNING"
+    audit_dir: Path | None = None  # default: an `audit` folder beside the PKI folder
+
+    @property
+    def audit_folder(self) -> Path:
+        return self.audit_dir or self.pki_dir.resolve().parent / "audit"
 
 
 def discover_submissions(folder: Path) -> dict[str, Path]:
@@ -57,9 +75,14 @@ class LocalOrchestrator:
         self.layout = pki.PkiLayout(settings.pki_dir)
         self.board = ModelBoard(validate_id(settings.crunch_id, "crunch id"))
         self._registry = RegistryFile(self.layout.registry)
-        self._server = grpc.aio.server(options=tls.SERVER_OPTIONS)
+        settings.audit_folder.mkdir(parents=True, exist_ok=True)
+        self.audit = AuditLog(settings.audit_folder / "orchestrator.jsonl")
+        auth = TokenAuthInterceptor(
+            settings.crunch_id, [REPORT_RPC], self._registry.current, self.audit, replay=ReplayCache()
+        )
+        self._server = grpc.aio.server(interceptors=[auth], options=tls.server_options())
         orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(
-            OrchestratorServicer(self.board, self._registry.current), self._server
+            OrchestratorServicer(self.board, self._registry.current, self.audit, self.stop_model), self._server
         )
         self._runners: dict[str, asyncio.subprocess.Process] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -90,7 +113,8 @@ class LocalOrchestrator:
         info.deployment_id = f"{info.model_id}-{secrets.token_hex(4)}"
         info.state = State.MODEL_STATE_STARTING
         await self.board.put(info)
-        pki.issue_runner_certificate(self.layout, info.model_id, crunch_id=self.settings.crunch_id)
+        cert = pki.issue_runner_certificate(self.layout, info.model_id, crunch_id=self.settings.crunch_id)
+        info.runner_delegation = self._sign_delegation(info, cert)
         command = [
             sys.executable, "-m", "secure_runner.cli", "runner",
             "--crunch", self.settings.crunch_id,
@@ -99,6 +123,7 @@ class LocalOrchestrator:
             "--host", self.settings.host,
             "--port", "0",
             "--log-level", self.settings.runner_log_level,
+            "--audit-log", str(self.settings.audit_folder / f"runner-{info.model_id}.jsonl"),
             "--exit-with-parent",
         ]
         for base in self.settings.base_paths:
@@ -127,10 +152,37 @@ class LocalOrchestrator:
     async def _watch_exit(self, info: orchestrator_pb2.ModelInfo, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
         log.warning("runner for %s exited with %s", info.model_id, code)
-        stopped = orchestrator_pb2.ModelInfo()
-        stopped.CopyFrom(info)
-        stopped.state = State.MODEL_STATE_STOPPED
-        await self.board.put(stopped)
+        await self._put_state(info, State.MODEL_STATE_STOPPED)
+
+    async def _put_state(self, info: orchestrator_pb2.ModelInfo, state: int) -> None:
+        updated = orchestrator_pb2.ModelInfo()
+        updated.CopyFrom(info)
+        updated.state = state
+        await self.board.put(updated)
+
+    def _sign_delegation(self, info: orchestrator_pb2.ModelInfo, cert: x509.Certificate) -> bytes:
+        if not info.cruncher_id:
+            log.warning("model %s has no cruncher identity; clients will refuse it", info.model_id)
+            return b""
+        cruncher_key = pki.load_identity_key(self.layout.cruncher_identity(info.cruncher_id))
+        return issue_delegation(
+            SigningKey(cruncher_key.private_bytes_raw()),
+            crunch_id=self.settings.crunch_id,
+            model_id=info.model_id,
+            spki_sha256=tls.spki_sha256(cert.public_bytes(Encoding.DER)),
+            now=int(time.time()),
+            lifetime=int((cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds()),
+        )
+
+    async def stop_model(self, model_id: str, deployment_id: str) -> bool:
+        """Stop the runner of `model_id` if `deployment_id` is still its current deployment."""
+        info = self.board.get(model_id)
+        if info is None or info.deployment_id != deployment_id or info.state != State.MODEL_STATE_RUNNING:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            self._runners[model_id].terminate()
+        await self._put_state(info, State.MODEL_STATE_STOPPED)
+        return True
 
     def runner_process(self, model_id: str) -> asyncio.subprocess.Process:
         return self._runners[model_id]
@@ -148,3 +200,4 @@ class LocalOrchestrator:
                 proc.kill()
                 await proc.wait()
         await self._server.stop(0.5)
+        self.audit.close()

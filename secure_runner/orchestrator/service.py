@@ -1,20 +1,31 @@
-"""The Orchestrator servicer: stream model-list snapshots to authorized coordinators."""
+"""The Orchestrator servicer: the model list for authorized coordinators, and failure reports.
+
+WatchModels is a long-lived stream, so authorization (SMP-20) is not checked
+once: it is re-checked against the current registry before every snapshot and
+at least every `reauthorize_seconds`, and a watcher whose key was revoked is
+cut off within that bound. ReportFailure is token-authenticated by the
+interceptor like every runner call; this servicer only acts on it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from secure_runner.errors import AuthError, ErrorCode
 from secure_runner.smp import rules
 from secure_runner.smp.registry import Registry
 from secure_runner.transport.status import abort
 from secure_runner.transport.tls import PeerCertificates
+from secure_runner.transport.token_auth import ANONYMOUS, AuditSink
 from secure_runner.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+WATCH_RPC = "/secure_runner.v1.Orchestrator/WatchModels"
+REPORT_RPC = "/secure_runner.v1.Orchestrator/ReportFailure"
 
 
 class ModelBoard:
@@ -40,34 +51,71 @@ class ModelBoard:
             crunch_id=self.crunch_id, revision=self._revision, models=list(self._models.values())
         )
 
-    async def wait_after(self, revision: int) -> orchestrator_pb2.ModelList:
+    async def wait_after(self, revision: int, timeout: float) -> orchestrator_pb2.ModelList | None:
+        """The next snapshot after `revision`, or None if nothing changed within `timeout`."""
         async with self._changed:
-            await self._changed.wait_for(lambda: self._revision > revision)
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: self._revision > revision), timeout)
+            except TimeoutError:
+                return None
             return self.snapshot()
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     def __init__(
-        self, board: ModelBoard, registry: Callable[[], Registry], clock: Callable[[], float] = time.time
+        self,
+        board: ModelBoard,
+        registry: Callable[[], Registry],
+        audit: AuditSink,
+        stop_model: Callable[[str, str], Awaitable[bool]],
+        *,
+        reauthorize_seconds: float = 1.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._board = board
         self._registry = registry
+        self._audit = audit
+        self._stop_model = stop_model
+        self._reauthorize_seconds = reauthorize_seconds
         self._clock = clock
         self._peers = PeerCertificates()
 
-    async def WatchModels(self, request, context):
-        peer = self._peers.from_auth_context(context.auth_context())
+    async def _authorize_watcher(self, request, context, peer) -> None:
+        who = peer.spiffe_ids[0] if peer and len(peer.spiffe_ids) == 1 else ANONYMOUS
         try:
             if peer is None:
                 raise AuthError(ErrorCode.PEER_UNAUTHENTICATED, "no client certificate")
-            watcher = rules.authorize_watcher(
+            rules.authorize_watcher(
                 self._board.crunch_id, request.crunch_id, peer.spiffe_ids, self._registry(), int(self._clock())
             )
         except AuthError as exc:
-            log.warning("refused model-list watcher: %s", exc)
+            log.warning("refused model-list watcher %s: %s", who, exc)
+            self._audit.record(decision="deny", code=exc.code, who=who, what={"rpc": WATCH_RPC})
             await abort(context, exc)
-        log.info("model list watched by %s", watcher.spiffe_id)
+
+    async def WatchModels(self, request, context):
+        peer = self._peers.from_auth_context(context.auth_context())
+        await self._authorize_watcher(request, context, peer)
+        self._audit.record(decision="allow", code="OK", who=peer.spiffe_ids[0], what={"rpc": WATCH_RPC})
         snapshot = self._board.snapshot()
         while True:
             yield snapshot
-            snapshot = await self._board.wait_after(snapshot.revision)
+            while (update := await self._board.wait_after(snapshot.revision, self._reauthorize_seconds)) is None:
+                await self._authorize_watcher(request, context, peer)
+            await self._authorize_watcher(request, context, peer)
+            snapshot = update
+
+    async def ReportFailure(self, request, context):
+        stopped = await self._stop_model(request.model_id, request.deployment_id)
+        log.warning(
+            "model %s (%s) reported by the coordinator: %s %s; stopped=%s",
+            request.model_id, request.deployment_id, request.reason, request.message[:200], stopped,
+        )
+        self._audit.record(
+            decision="allow",
+            code="FAILURE_REPORTED",
+            who=self._peers.from_auth_context(context.auth_context()).spiffe_ids[0],
+            what={"rpc": REPORT_RPC, "model": request.model_id, "deployment": request.deployment_id,
+                  "reason": request.reason[:64]},
+        )
+        return orchestrator_pb2.FailureReportAck(stopped=stopped)

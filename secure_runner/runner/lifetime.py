@@ -6,16 +6,13 @@ supervises them, even when it is killed with SIGKILL and cannot clean up.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 
-PR_SET_PDEATHSIG = 1
+from secure_runner.runner.sandbox import syscalls
 
 
 def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    syscalls.prctl(syscalls.PR_SET_PDEATHSIG, sig)
     if os.getppid() != parent_pid:  # the parent died before the request took effect
         os.kill(os.getpid(), sig)

@@ -16,12 +16,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import BaseModel, ConfigDict
 
 from secure_runner.errors import ErrorCode, RequestError, SecureRunnerError
-from secure_runner.runner.auth import CallAuthInterceptor
 from secure_runner.runner.supervisor import ModelHost
+from secure_runner.runner.sandbox.policy import SandboxPolicy
 from secure_runner.runner.worker import WorkerLimits
 from secure_runner.smp.identity import validate_id
+from secure_runner.smp.replay import ReplayCache
+from secure_runner.smp.rules import TimePolicy
 from secure_runner.transport import tls
+from secure_runner.transport.audit_log import AuditLog
 from secure_runner.transport.registry_file import RegistryFile
+from secure_runner.transport.token_auth import TokenAuthInterceptor
 from secure_runner.transport.status import abort
 from secure_runner.v1 import runner_pb2, runner_pb2_grpc
 
@@ -29,6 +33,9 @@ log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+PROTECTED_RPCS = tuple(
+    f"/secure_runner.v1.ModelRunner/{name}" for name in runner_pb2.DESCRIPTOR.services_by_name["ModelRunner"].methods_by_name
+)
 # Answer TIMEOUT this long before the caller's own deadline, so the answer arrives.
 DEADLINE_MARGIN_SECONDS = 0.05
 
@@ -40,31 +47,49 @@ class RunnerSettings(BaseModel):
     models: dict[str, Path]
     tls: tls.TlsFiles
     registry: Path
+    audit_log: Path
+    replay_cache_size: int = 200_000
+    time_policy: TimePolicy = TimePolicy()
+    handshake_timeout_ms: int = 5_000
     base_paths: list[Path] = []
     host: str = "127.0.0.1"
     port: int = 0
     max_call_seconds: float = 300.0
     setup_timeout: float = 60.0
     limits: WorkerLimits = WorkerLimits()
+    sandbox: SandboxPolicy = SandboxPolicy()
 
 
 class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
-    def __init__(self, hosts: dict[str, ModelHost], settings: RunnerSettings) -> None:
+    """Serves authenticated requests; refusals it makes itself are audited like the interceptor's."""
+
+    def __init__(self, hosts: dict[str, ModelHost], settings: RunnerSettings, audit: AuditLog) -> None:
         self._hosts = hosts
         self._settings = settings
+        self._audit = audit
 
-    async def _host(self, model_id: str, context) -> ModelHost:
+    async def _refuse(self, context, error: SecureRunnerError, rpc: str, request) -> None:
+        self._audit.record(
+            decision="deny",
+            code=error.code,
+            who=_peer_id(context),
+            what={"rpc": rpc, "model": request.model_id[:64], "method": getattr(request, "method", "")[:64]},
+        )
+        await abort(context, error)
+
+    async def _host(self, model_id: str, context, rpc: str, request) -> ModelHost:
         host = self._hosts.get(model_id)
         if host is None:
-            await abort(context, RequestError(ErrorCode.MODEL_UNKNOWN, f"this runner does not host {model_id[:64]!r}"))
+            error = RequestError(ErrorCode.MODEL_UNKNOWN, f"this runner does not host {model_id[:64]!r}")
+            await self._refuse(context, error, rpc, request)
         return host
 
     async def Setup(self, request, context):
-        host = await self._host(request.model_id, context)
+        host = await self._host(request.model_id, context, "Setup", request)
         return await host.setup(request)
 
     async def Call(self, request, context):
-        host = await self._host(request.model_id, context)
+        host = await self._host(request.model_id, context, "Call", request)
         remaining = context.time_remaining()
         timeout = self._settings.max_call_seconds
         if remaining is not None:
@@ -72,14 +97,19 @@ class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
         try:
             response = await host.call(request, timeout)
         except SecureRunnerError as exc:
-            await abort(context, exc)
+            await self._refuse(context, exc, "Call", request)
         log.debug("model %s %s -> %s", request.model_id, request.method, response.status)
         return response
 
     async def Reset(self, request, context):
-        host = await self._host(request.model_id, context)
+        host = await self._host(request.model_id, context, "Reset", request)
         await host.reset()
         return runner_pb2.ResetResponse(status=runner_pb2.CALL_STATUS_SUCCESS)
+
+
+def _peer_id(context) -> str:
+    uris = context.auth_context().get("peer_spiffe_id") or [b"anonymous"]
+    return uris[0].decode(errors="replace")
 
 
 class RunnerServer:
@@ -97,15 +127,27 @@ class RunnerServer:
                 settings.limits,
                 settings.setup_timeout,
                 self._on_health,
+                sandbox=settings.sandbox,
             )
             for model_id, path in settings.models.items()
         }
         self._registry = RegistryFile(settings.registry)
-        self._server = grpc.aio.server(
-            interceptors=[CallAuthInterceptor(settings.crunch_id, self._registry.current)],
-            options=tls.SERVER_OPTIONS,
+        self.audit = AuditLog(settings.audit_log)
+        auth = TokenAuthInterceptor(
+            settings.crunch_id,
+            PROTECTED_RPCS,
+            self._registry.current,
+            self.audit,
+            replay=ReplayCache(settings.replay_cache_size),
+            policy=settings.time_policy,
         )
-        runner_pb2_grpc.add_ModelRunnerServicer_to_server(ModelRunnerServicer(self.hosts, settings), self._server)
+        self._server = grpc.aio.server(
+            interceptors=[auth],
+            options=tls.server_options(handshake_timeout_ms=settings.handshake_timeout_ms),
+        )
+        runner_pb2_grpc.add_ModelRunnerServicer_to_server(
+            ModelRunnerServicer(self.hosts, settings, self.audit), self._server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         self._health_tasks: set[asyncio.Task] = set()
         self.port = 0
@@ -127,6 +169,7 @@ class RunnerServer:
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
         await asyncio.gather(*(host.close() for host in self.hosts.values()))
+        self.audit.close()
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()

@@ -6,7 +6,17 @@ a call that overruns is answered TIMEOUT at once, the worker's whole process
 group is killed, and a fresh worker is started and given the model's last
 Setup again before the next request is served. Health goes NOT_SERVING from
 the kill until the new worker is set up. A worker that dies, or breaks the
-framing, is treated the same way and reported as a model fault.
+framing, is treated the same way and reported with its precise cause:
+MEMORY_LIMIT (its cgroup's OOM killer), CPU_LIMIT (RLIMIT_CPU, read from the
+exit signal and the CPU time wait4 reports), WORKER_CRASHED (anything else,
+with the exit code or signal) or SANDBOX_UNAVAILABLE (a required layer could
+not be applied). Restarts back off exponentially while a model keeps failing,
+so a crash-looping model cannot spin the CPU; the runner itself never dies of
+a worker.
+
+Each worker is started with `subprocess.Popen` (no preexec_fn: the runner is
+threaded), gets its own cgroup (made here, joined by the worker) and reports
+the sandbox layers in force in its first frame before it may load any code.
 """
 
 from __future__ import annotations
@@ -15,18 +25,25 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
-from secure_runner.errors import ErrorCode, RequestError
+from secure_runner.errors import ErrorCode, RequestError, SecureRunnerError
 from secure_runner.runner import ipc
-from secure_runner.runner.worker import WorkerConfig, WorkerLimits
+from secure_runner.runner.sandbox import cgroups
+from secure_runner.runner.sandbox.environment import worker_environment
+from secure_runner.runner.sandbox.policy import LAYERS, LayerResult, SandboxPolicy
+from secure_runner.runner.worker import SANDBOX_EXIT_CODE, WorkerConfig, WorkerLimits
 from secure_runner.v1 import runner_pb2, values_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
@@ -36,71 +53,199 @@ TIMEOUT = runner_pb2.CALL_STATUS_TIMEOUT
 SUCCESS = runner_pb2.CALL_STATUS_SUCCESS
 MAX_LOG_LINE = 2000
 EXIT_STATUS_WAIT_SECONDS = 1.0
-# Variables a worker may inherit: none carries a secret. Everything else is dropped.
-PASSED_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-WORKER_ENV = {
-    "PATH": "/usr/local/bin:/usr/bin:/bin",
-    "LANG": "C.UTF-8",
-    "PYTHONDONTWRITEBYTECODE": "1",
-    "PYTHONUNBUFFERED": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-}
+HELLO_TIMEOUT_SECONDS = 30.0
+MAX_HELLO_BYTES = 64 * 1024
+# Restart delays after consecutive failures: none for the first, then doubling up to the cap.
+BACKOFF_FIRST_SECONDS = 0.5
+BACKOFF_MAX_SECONDS = 30.0
 
 
-class WorkerGone(Exception):
-    """The worker exited, closed its pipe or broke the framing rules."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+class WorkerGone(SecureRunnerError):
+    """The worker exited, closed its pipe, broke the framing rules or refused to start."""
 
 
 def _failure(code: ErrorCode, message: str, status: int = FAILURE) -> runner_pb2.CallResponse:
     return runner_pb2.CallResponse(status=status, error=values_pb2.ErrorDetail(code=code, message=message))
 
 
-class WorkerProcess:
-    """One live worker subprocess and its framed pipes."""
+def _gone(exc: WorkerGone) -> runner_pb2.CallResponse:
+    return _failure(exc.code, exc.message, TIMEOUT if exc.code == ErrorCode.MODEL_TIMEOUT else FAILURE)
 
-    def __init__(self, model_id: str, proc: asyncio.subprocess.Process) -> None:
+
+def backoff_seconds(failures: int) -> float:
+    """Delay before the next start after `failures` consecutive failures."""
+    if failures <= 1:
+        return 0.0
+    return min(BACKOFF_FIRST_SECONDS * 2 ** (failures - 2), BACKOFF_MAX_SECONDS)
+
+
+@dataclass(frozen=True)
+class Exit:
+    returncode: int
+    cpu_seconds: float  # user + system time of the worker, from wait4
+
+
+def _describe(returncode: int) -> str:
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by signal {signal.Signals(-returncode).name}"
+        return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+async def _pipe_reader(pipe) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _protocol = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    return reader, transport
+
+
+async def _pipe_writer(pipe) -> asyncio.StreamWriter:
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.connect_write_pipe(
+        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), pipe
+    )
+    return asyncio.StreamWriter(transport, protocol, None, loop)
+
+
+class WorkerProcess:
+    """One live worker subprocess, its framed pipes, its cgroup and its exit status."""
+
+    def __init__(self, model_id: str, popen: subprocess.Popen, config: WorkerConfig,
+                 cgroup: cgroups.WorkerCgroup | None) -> None:
         self.model_id = model_id
-        self.proc = proc
-        self._stderr_task = asyncio.create_task(self._drain_stderr())
+        self.popen = popen
+        self.config = config
+        self.cgroup = cgroup
+        self.layers: list[LayerResult] = []
+        loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[Exit] = loop.create_future()
+        self._pidfd = os.pidfd_open(popen.pid)
+        loop.add_reader(self._pidfd, self._reap)
+        self._stdin: asyncio.StreamWriter | None = None
+        self._stdout: asyncio.StreamReader | None = None
+        self._stderr_task: asyncio.Task | None = None
+        self._readers: list[asyncio.BaseTransport] = []
 
     @classmethod
     async def spawn(cls, model_id: str, config: WorkerConfig) -> WorkerProcess:
-        env = WORKER_ENV | {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", "-m", "secure_runner.runner.worker", config.to_json(),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            cwd=config.submission,
-            start_new_session=True,
-            close_fds=True,
+        cgroup, error = None, ""
+        try:
+            cgroup = cgroups.WorkerCgroup.create(model_id, config.limits)
+        except cgroups.CgroupUnavailable as exc:
+            error = str(exc)
+        config = replace(config, cgroup_procs=cgroup.procs_files if cgroup else [], cgroup_error=error)
+        try:
+            popen = subprocess.Popen(
+                [sys.executable, "-I", "-m", "secure_runner.runner.worker", config.to_json()],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=worker_environment(dict(os.environ)),
+                cwd=config.submission,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            if cgroup:
+                cgroup.remove()
+            raise WorkerGone(ErrorCode.WORKER_CRASHED, f"cannot start a worker: {exc}") from None
+        process = cls(model_id, popen, config, cgroup)
+        await process.or_close(process._connect(), HELLO_TIMEOUT_SECONDS, ErrorCode.WORKER_CRASHED, "no pipes")
+        await process.or_close(
+            process._hello(), HELLO_TIMEOUT_SECONDS, ErrorCode.WORKER_CRASHED, "worker did not report its sandbox in time"
         )
-        return cls(model_id, proc)
+        return process
 
-    async def _drain_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        while line := await self.proc.stderr.readline():
+    async def or_close(self, awaitable, timeout: float, code: ErrorCode, message: str):
+        """Await within `timeout`; on any failure close this worker (a timeout becomes WorkerGone(code))."""
+        try:
+            return await asyncio.wait_for(awaitable, timeout)
+        except TimeoutError:
+            await self.close()
+            raise WorkerGone(code, message) from None
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _connect(self) -> None:
+        self._stdin = await _pipe_writer(self.popen.stdin)
+        self._stdout, stdout = await _pipe_reader(self.popen.stdout)
+        stderr_reader, stderr = await _pipe_reader(self.popen.stderr)
+        self._readers = [stdout, stderr]
+        self._stderr_task = asyncio.create_task(self._drain_stderr(stderr_reader))
+
+    async def _hello(self) -> None:
+        """Read the worker's sandbox report; refuse a worker that lacks a required layer."""
+        try:
+            length = ipc.frame_length(await self._stdout.readexactly(ipc.HEADER.size))
+            if length > MAX_HELLO_BYTES:
+                raise ipc.FrameError("hello frame too large")
+            report = struct_pb2.Struct.FromString(await self._stdout.readexactly(length))
+            self.layers = [LayerResult(str(n), bool(a), str(d)) for n, a, d in report["layers"]]
+            refused = str(report["refused"])
+        except (asyncio.IncompleteReadError, ConnectionError):
+            raise WorkerGone(*await self.cause()) from None
+        except (ipc.FrameError, DecodeError, KeyError, ValueError, TypeError) as exc:
+            raise WorkerGone(ErrorCode.WORKER_PROTOCOL, f"unreadable sandbox report: {exc}") from None
+        if self.cgroup is not None and not self.cgroup.contains(self.popen.pid):  # checked from outside too
+            self.layers = [
+                LayerResult(r.name, False, "the worker is not in its cgroup") if r.name == "cgroup" else r
+                for r in self.layers
+            ]
+        refused = refused or self.config.sandbox.refusal(self.layers)
+        if refused and not self.config.sandbox.check_only:
+            raise WorkerGone(ErrorCode.SANDBOX_UNAVAILABLE, refused)
+
+    def _reap(self) -> None:
+        try:
+            pid, status, usage = os.wait4(self.popen.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status, usage = self.popen.pid, -1, None
+        if pid == 0:
+            return
+        asyncio.get_running_loop().remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self.popen.returncode = os.waitstatus_to_exitcode(status) if status != -1 else -1
+        cpu = usage.ru_utime + usage.ru_stime if usage else 0.0
+        if not self.exited.done():
+            self.exited.set_result(Exit(self.popen.returncode, cpu))
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode
+
+    async def _drain_stderr(self, stderr: asyncio.StreamReader) -> None:
+        while line := await stderr.readline():
             log.info("model %s: %s", self.model_id, line[:MAX_LOG_LINE].decode(errors="replace").rstrip())
 
+    async def cause(self) -> tuple[ErrorCode, str]:
+        """Why the worker is gone: waits briefly for its exit status, then asks its cgroup."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.exited), EXIT_STATUS_WAIT_SECONDS)
+        if not self.exited.done():
+            return ErrorCode.WORKER_CRASHED, "worker closed its pipe"
+        end = self.exited.result()
+        limits: WorkerLimits = self.config.limits
+        if self.cgroup is not None and self.cgroup.oom_kills():
+            return ErrorCode.MEMORY_LIMIT, f"worker killed by its memory limit ({limits.memory_bytes >> 20} MiB)"
+        if end.returncode == -signal.SIGXCPU or (
+            end.returncode == -signal.SIGKILL and end.cpu_seconds >= limits.cpu_seconds
+        ):
+            return ErrorCode.CPU_LIMIT, f"worker used up its {limits.cpu_seconds} CPU seconds ({_describe(end.returncode)})"
+        if end.returncode == SANDBOX_EXIT_CODE:
+            return ErrorCode.SANDBOX_UNAVAILABLE, "worker refused to start: a required sandbox layer is missing"
+        return ErrorCode.WORKER_CRASHED, f"worker exited ({_describe(end.returncode)})"
+
     async def request(self, request: worker_pb2.WorkerRequest) -> worker_pb2.WorkerResponse:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert self._stdin is not None and self._stdout is not None
         try:
-            self.proc.stdin.write(ipc.encode_frame(request.SerializeToString()))
-            await self.proc.stdin.drain()
-            length = ipc.frame_length(await self.proc.stdout.readexactly(ipc.HEADER.size))
-            payload = await self.proc.stdout.readexactly(length)
+            self._stdin.write(ipc.encode_frame(request.SerializeToString()))
+            await self._stdin.drain()
+            length = ipc.frame_length(await self._stdout.readexactly(ipc.HEADER.size))
+            payload = await self._stdout.readexactly(length)
         except (ConnectionError, asyncio.IncompleteReadError):
-            # The pipe closes a moment before the exit status is known: wait for it briefly.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.proc.wait(), EXIT_STATUS_WAIT_SECONDS)
-            raise WorkerGone(ErrorCode.WORKER_CRASHED, f"worker exited ({self._exit_description()})") from None
+            raise WorkerGone(*await self.cause()) from None
         except ipc.FrameError as exc:
             raise WorkerGone(ErrorCode.WORKER_PROTOCOL, str(exc)) from None
         try:
@@ -111,21 +256,49 @@ class WorkerProcess:
             raise WorkerGone(ErrorCode.WORKER_PROTOCOL, "worker answered a different request kind")
         return response
 
-    def _exit_description(self) -> str:
-        code = self.proc.returncode
-        if code is None:
-            return "pipe closed"
-        return f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-
     def kill(self) -> None:
         """Kill the worker's whole process group, so children it forked die too."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
 
     async def close(self) -> None:
+        """Kill the worker and everything left in its cgroup; remove the cgroup and any scratch dir."""
         self.kill()
-        await self.proc.wait()
-        await self._stderr_task
+        await self.exited
+        if self.cgroup is not None:
+            await asyncio.to_thread(self.cgroup.remove)  # strays that left the process group die here
+        if self._stdin is not None:
+            self._stdin.close()
+        if self._stderr_task is not None:  # the last log lines; a stray child could hold the pipe open
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._stderr_task), EXIT_STATUS_WAIT_SECONDS)
+        for transport in self._readers:
+            transport.close()
+        scratch = Path(tempfile.gettempdir()) / f"secure-runner-worker-{self.popen.pid}"
+        if scratch.exists():  # only made when the filesystem layer was missing
+            await asyncio.to_thread(shutil.rmtree, scratch, True)
+
+
+async def check_sandbox(limits: WorkerLimits, policy: SandboxPolicy) -> list[LayerResult]:
+    """Start a throwaway worker that applies and verifies every layer; return what it found."""
+    with tempfile.TemporaryDirectory(prefix="secure-runner-check-") as folder:
+        os.chmod(folder, 0o755)  # an empty stand-in submission, readable like a real one
+        config = WorkerConfig(
+            folder, os.getpid(), [], limits, replace(policy, allow_missing=LAYERS, check_only=True)
+        )
+        process = await WorkerProcess.spawn("sandbox-check", config)
+        await process.close()
+    cgroups.remove_runner_dirs()
+    return process.layers
+
+
+def log_layers(model_id: str, layers: list[LayerResult], policy: SandboxPolicy) -> None:
+    for layer in layers:
+        if layer.active:
+            log.info("model %s: sandbox layer %s: %s", model_id, layer.name, layer.detail)
+        else:
+            allowed = " (allowed by --allow-missing-layer)" if not policy.required(layer.name) else ""
+            log.warning("model %s: sandbox layer %s is MISSING%s: %s", model_id, layer.name, allowed, layer.detail)
 
 
 @dataclass
@@ -138,6 +311,7 @@ class ModelHost:
     limits: WorkerLimits = WorkerLimits()
     setup_timeout: float = 60.0
     on_health: Callable[[str, bool], None] = lambda model_id, serving: None
+    sandbox: SandboxPolicy = SandboxPolicy()
 
     def __post_init__(self) -> None:
         self._lock = asyncio.Lock()
@@ -145,72 +319,130 @@ class ModelHost:
         self._setup: runner_pb2.SetupRequest | None = None
         self._setup_response: runner_pb2.SetupResponse | None = None
         self._background: set[asyncio.Task] = set()
+        self._restarting: asyncio.Task | None = None
+        self._failures = 0  # consecutive worker failures, reset by a successful call
+        self._retry_at = 0.0  # monotonic time before which no new worker is started
+        self._last_failure = (ErrorCode.WORKER_CRASHED, "")
+        self.layers: list[LayerResult] = []  # the sandbox report of the current (or last) worker
 
     @property
     def methods(self) -> frozenset[str]:
         return frozenset(self._setup_response.methods) if self._setup_response else frozenset()
 
     def _worker_config(self) -> WorkerConfig:
-        return WorkerConfig(str(self.submission), os.getpid(), [str(p) for p in self.base_paths], self.limits)
+        return WorkerConfig(
+            str(self.submission), os.getpid(), [str(p) for p in self.base_paths], self.limits, self.sandbox
+        )
 
     async def start(self) -> None:
         async with self._lock:
             await self._ensure_worker()
 
     async def close(self) -> None:
-        for task in list(self._background):
-            task.cancel()
+        if self._restarting is not None:
+            self._restarting.cancel()
+        # Let discarded workers finish closing: that removes their cgroups.
+        await asyncio.gather(*list(self._background), return_exceptions=True)
         async with self._lock:
             if self._process:
                 await self._process.close()
                 self._process = None
+        cgroups.remove_runner_dirs()  # succeeds once the last model of this runner is closed
+
+    def _record_failure(self, code: ErrorCode, message: str) -> None:
+        self._failures += 1
+        self._last_failure = (code, message)
+        delay = backoff_seconds(self._failures)
+        self._retry_at = time.monotonic() + delay
+        if delay:
+            log.warning("model %s: %d consecutive worker failures (%s); next start in %.1f s",
+                        self.model_id, self._failures, code, delay)
 
     async def _ensure_worker(self) -> None:
         """Under the lock: make sure a live worker exists and has the last Setup applied."""
-        if self._process is not None and self._process.proc.returncode is None:
+        if self._process is not None and self._process.returncode is None:
             return
-        self._process = await WorkerProcess.spawn(self.model_id, self._worker_config())
+        if self._process is not None:  # died between requests
+            process, self._process = self._process, None
+            code, message = await process.cause()
+            self._record_failure(code, message)
+            self._spawn_background(process.close())
+        wait = self._retry_at - time.monotonic()
+        if wait > 0:
+            code, message = self._last_failure
+            raise WorkerGone(code, f"{message}; worker restarts in {wait:.1f} s")
+        try:
+            await self._start_worker()
+        except WorkerGone as exc:
+            self._record_failure(exc.code, exc.message)
+            raise
+
+    async def _start_worker(self) -> None:
+        first = not self.layers
+        process = await WorkerProcess.spawn(self.model_id, self._worker_config())
+        self.layers = process.layers
+        if first:
+            log_layers(self.model_id, process.layers, self.sandbox)
         if self._setup is not None:
-            try:
-                response = await asyncio.wait_for(
-                    self._process.request(worker_pb2.WorkerRequest(setup=self._setup)), self.setup_timeout
-                )
-            except TimeoutError:
-                self._process.kill()
-                raise WorkerGone(ErrorCode.MODEL_TIMEOUT, "replayed setup timed out") from None
+            response = await process.or_close(
+                process.request(worker_pb2.WorkerRequest(setup=self._setup)),
+                self.setup_timeout, ErrorCode.MODEL_TIMEOUT, "replayed setup timed out",
+            )
             if response.setup.status != SUCCESS:
+                await process.close()
                 raise WorkerGone(ErrorCode.WORKER_CRASHED, f"replayed setup failed: {response.setup.error.message}")
+        self._process = process
         self.on_health(self.model_id, True)
 
-    def _discard_worker(self) -> None:
-        """Kill the current worker now and start a new one in the background."""
+    def _discard_worker(self, code: ErrorCode, message: str) -> None:
+        """Kill the current worker now and start a new one in the background, after the backoff."""
+        self._record_failure(code, message)
         if self._process is not None:
             self._process.kill()
             process, self._process = self._process, None
             self._spawn_background(process.close())
         self.on_health(self.model_id, False)
-        self._spawn_background(self.start())
+        self._schedule_restart()
 
-    def _spawn_background(self, coro) -> None:
+    def _schedule_restart(self) -> None:
+        if self._restarting is None or self._restarting.done():
+            self._restarting = self._spawn_background(self._restart_when_due())
+
+    async def _restart_when_due(self) -> None:
+        """Keep trying (with backoff) until a worker is up, so health recovers without calls."""
+        while True:
+            await asyncio.sleep(max(0.0, self._retry_at - time.monotonic()))
+            try:
+                await self.start()
+                return
+            except WorkerGone as exc:
+                log.warning("model %s: worker restart failed: %s", self.model_id, exc)
+
+    def _spawn_background(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         task.add_done_callback(_log_failure)
+        return task
 
     async def setup(self, request: runner_pb2.SetupRequest) -> runner_pb2.SetupResponse:
         wanted = _without_model_id(request)
         async with self._lock:
             if self._setup == wanted and self._setup_response is not None:
                 return self._setup_response  # idempotent: a reconnecting client sets up again
-            if self._setup is not None or self._process is None:
-                await self._restart_fresh()
+            try:
+                if self._setup is not None or self._process is None:
+                    await self._restart_fresh()
+            except WorkerGone as exc:
+                return runner_pb2.SetupResponse(status=FAILURE, error=values_pb2.ErrorDetail(code=exc.code, message=exc.message))
             response = await self._send(worker_pb2.WorkerRequest(setup=wanted), self.setup_timeout)
             if isinstance(response, runner_pb2.CallResponse):  # the worker timed out or died
                 return runner_pb2.SetupResponse(status=response.status, error=response.error)
             if response.setup.status == SUCCESS:
                 self._setup, self._setup_response = wanted, response.setup
             else:
-                await self._restart_fresh()  # a failed import leaves modules behind: start clean
+                with contextlib.suppress(WorkerGone):
+                    await self._restart_fresh()  # a failed import leaves modules behind: start clean
             return response.setup
 
     async def _restart_fresh(self) -> None:
@@ -231,9 +463,15 @@ class ModelHost:
         try:
             await self._ensure_worker()
             response = await self._send(worker_pb2.WorkerRequest(call=request), deadline - time.monotonic())
-            return response if isinstance(response, runner_pb2.CallResponse) else response.call
+            if isinstance(response, runner_pb2.CallResponse):
+                return response
+            if response.call.status == SUCCESS:
+                self._failures = 0
+            return response.call
         except WorkerGone as exc:
-            return _failure(exc.code, str(exc))
+            self.on_health(self.model_id, False)
+            self._schedule_restart()
+            return _gone(exc)
         finally:
             self._lock.release()
 
@@ -243,7 +481,10 @@ class ModelHost:
                 await self._process.close()
                 self._process = None
             self.on_health(self.model_id, False)
-            await self._ensure_worker()
+            try:
+                await self._ensure_worker()
+            except WorkerGone:
+                self._schedule_restart()
 
     async def _send(
         self, request: worker_pb2.WorkerRequest, timeout: float
@@ -253,13 +494,14 @@ class ModelHost:
         try:
             return await asyncio.wait_for(self._process.request(request), max(timeout, 0.0))
         except TimeoutError:
-            self._discard_worker()
-            return _failure(ErrorCode.MODEL_TIMEOUT, f"no answer within {timeout:.3f} s; worker restarted", TIMEOUT)
+            message = f"no answer within {timeout:.3f} s; worker restarted"
+            self._discard_worker(ErrorCode.MODEL_TIMEOUT, message)
+            return _failure(ErrorCode.MODEL_TIMEOUT, message, TIMEOUT)
         except WorkerGone as exc:
-            self._discard_worker()
-            return _failure(exc.code, str(exc))
+            self._discard_worker(exc.code, exc.message)
+            return _gone(exc)
         except asyncio.CancelledError:
-            self._discard_worker()  # the caller went away mid-call: never leave the model running
+            self._discard_worker(ErrorCode.MODEL_TIMEOUT, "the caller went away")  # never leave the model running
             raise
 
 

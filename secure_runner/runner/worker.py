@@ -4,42 +4,44 @@ Started by the runner as `python -I -m secure_runner.runner.worker CONFIG_JSON`
 with a clean environment, a new session and no descriptors but stdin, stdout
 and stderr. Before any submission code is imported it takes private copies of
 the protocol pipes (stdin/stdout), points fd 0 at /dev/null and fd 1 at stderr
-(so a model's print() cannot corrupt the protocol), and applies its rlimits.
-It then answers framed WorkerRequest messages one at a time.
+(so a model's print() cannot corrupt the protocol), and applies every layer of
+its sandbox (`runner/sandbox/`). Its first frame is a `hello`: the layers in
+force (a protobuf Struct). If a required layer is missing it says why and
+exits with SANDBOX_EXIT_CODE without loading anything. It then answers framed
+WorkerRequest messages one at a time.
 
-It imports only the codec, the framing and discovery: never smp, transport,
-grpc or a key, and it is never given a path to one.
+It imports only the codec, the framing, discovery and the sandbox: never smp,
+transport, grpc or a key, and it is never given a path to one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import os
-import resource
 import sys
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from google.protobuf import struct_pb2
+
 from secure_runner import codec
 from secure_runner.errors import ErrorCode, SecureRunnerError
 from secure_runner.runner import discovery, ipc, lifetime
+from secure_runner.runner.sandbox.policy import LayerResult, SandboxPolicy, WorkerLimits
 from secure_runner.v1 import runner_pb2, values_pb2, worker_pb2
 
 SUCCESS = runner_pb2.CALL_STATUS_SUCCESS
 FAILURE = runner_pb2.CALL_STATUS_FAILURE
 
 
-@dataclass(frozen=True)
-class WorkerLimits:
-    """rlimits applied by the worker to itself before loading submission code."""
-
-    address_space_bytes: int = 8 << 30
-    open_files: int = 256
-    file_size_bytes: int = 64 << 20
-    core_bytes: int = 0
+# Exit status of a worker that refused to load code because a required layer is missing.
+SANDBOX_EXIT_CODE = 78
+# Exit status of a process forked by model code that fell back into the request loop.
+FORKED_EXIT_CODE = 70
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ class WorkerConfig:
     parent_pid: int
     base_paths: list[str] = field(default_factory=list)
     limits: WorkerLimits = WorkerLimits()
+    sandbox: SandboxPolicy = SandboxPolicy()
+    cgroup_procs: list[str] = field(default_factory=list)  # made by the runner; the worker joins them
+    cgroup_error: str = ""  # why the runner could not make them
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -55,17 +60,16 @@ class WorkerConfig:
     @classmethod
     def from_json(cls, text: str) -> WorkerConfig:
         data = json.loads(text)
-        return cls(data["submission"], data["parent_pid"], data["base_paths"], WorkerLimits(**data["limits"]))
-
-
-def apply_rlimits(limits: WorkerLimits) -> None:
-    for which, value in (
-        (resource.RLIMIT_AS, limits.address_space_bytes),
-        (resource.RLIMIT_NOFILE, limits.open_files),
-        (resource.RLIMIT_FSIZE, limits.file_size_bytes),
-        (resource.RLIMIT_CORE, limits.core_bytes),
-    ):
-        resource.setrlimit(which, (value, value))
+        policy = data["sandbox"]
+        return cls(
+            data["submission"],
+            data["parent_pid"],
+            data["base_paths"],
+            WorkerLimits(**data["limits"]),
+            SandboxPolicy(tuple(policy["allow_missing"]), policy["uid_base"], policy["check_only"]),
+            data["cgroup_procs"],
+            data["cgroup_error"],
+        )
 
 
 def take_protocol_pipes() -> tuple[int, int]:
@@ -127,6 +131,10 @@ class Worker:
             return runner_pb2.CallResponse(status=FAILURE, error=_error(exc.code, exc.message))
         try:
             result = self._run(getattr(self.instance, request.method)(*args, **kwargs))
+        except MemoryError as exc:  # the address-space limit: the model asked for more than it may have
+            return runner_pb2.CallResponse(
+                status=FAILURE, error=_error(ErrorCode.MEMORY_LIMIT, discovery.describe_exception(exc))
+            )
         except BaseException as exc:  # noqa: BLE001 - untrusted model code may raise anything
             traceback.print_exc()
             return runner_pb2.CallResponse(
@@ -158,19 +166,52 @@ class Worker:
 
 
 def serve(worker: Worker, proto_in: int, proto_out: int) -> None:
+    me = os.getpid()
     while True:
         try:
             frame = ipc.read_frame(proto_in)
         except ipc.FrameError:
             return  # the runner closed the pipe: exit quietly
-        ipc.write_frame(proto_out, worker.handle(worker_pb2.WorkerRequest.FromString(frame)).SerializeToString())
+        response = worker.handle(worker_pb2.WorkerRequest.FromString(frame))
+        if os.getpid() != me:  # a process the model forked returned here: it must not answer
+            os._exit(FORKED_EXIT_CODE)
+        ipc.write_frame(proto_out, response.SerializeToString())
+
+
+def hello(layers: list[LayerResult], refused: str) -> bytes:
+    """The first frame: which layers are in force (read by the runner before any request)."""
+    message = struct_pb2.Struct()
+    message.update({"refused": refused, "layers": [[r.name, r.active, r.detail] for r in layers]})
+    return message.SerializeToString()
 
 
 def main(argv: list[str]) -> int:
+    from secure_runner.runner.sandbox import bootstrap  # the bindings load here, in the worker only
+
     config = WorkerConfig.from_json(argv[1])
     lifetime.die_with_parent(config.parent_pid)
     proto_in, proto_out = take_protocol_pipes()
-    apply_rlimits(config.limits)
+    plan = bootstrap.Plan(
+        config.submission, config.base_paths, config.limits, config.sandbox,
+        config.cgroup_procs, config.cgroup_error, (proto_in, proto_out),
+    )
+    report = bootstrap.apply(plan)
+    if config.sandbox.check_only:
+        ipc.write_frame(proto_out, hello(bootstrap.verify(plan, report), ""))
+        with contextlib.suppress(ipc.FrameError):
+            ipc.read_frame(proto_in)  # stay alive until the runner has looked at our cgroup
+        return 0
+    refused = report.refused(config.sandbox)
+    ipc.write_frame(proto_out, hello(report.layers, refused))
+    if refused:
+        print(f"worker: {refused}", file=sys.stderr)
+        return SANDBOX_EXIT_CODE
+
+    def forked_child() -> None:  # children of model code never touch the protocol
+        os.close(proto_in)
+        os.close(proto_out)
+
+    os.register_at_fork(after_in_child=forked_child)
     sys.path[:0] = [config.submission, *config.base_paths]
     serve(Worker(Path(config.submission)), proto_in, proto_out)
     return 0

@@ -64,6 +64,17 @@ class ModelEntry(_Strict):
 
     _check_id = field_validator("model_id")(lambda v: validate_id(v, "model id"))
 
+    @field_validator("identity_public_key")
+    @classmethod
+    def _check_key(cls, value: str | None) -> str | None:
+        if value is not None:
+            decode_public_key(value)
+        return value
+
+    @property
+    def identity_key_bytes(self) -> bytes:
+        return decode_public_key(self.identity_public_key or "")
+
 
 class CrunchEntry(_Strict):
     coordinators: list[CoordinatorKey] = []

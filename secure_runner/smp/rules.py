@@ -1,12 +1,16 @@
-"""The Secure Model Protocol's call rules, in the order a runner checks them.
+"""The Secure Model Protocol's call rules, in the order they are checked.
 
 Pure and I/O-free: callers pass in the token, the raw request bytes, what they
-know about the connection and the clock. Each rule raises `AuthError` with its
+know about the connection, the registry, the replay cache and the clock. Each
+rule raises `AuthError` (or `RequestError` for an unparsable request) with its
 own stable code; SECURITY.md lists the test that proves each one.
 
-  SMP-1  The peer's certificate names a coordinator of this runner's crunch
-         (exactly one SPIFFE id, role `coordinator`).          PEER_UNAUTHENTICATED
-  SMP-2  Exactly one token is present.                         TOKEN_MISSING, TOKEN_MALFORMED
+Every token-protected call (runner Setup / Call / Reset, orchestrator
+ReportFailure) goes through `authorize_call`:
+
+  SMP-1  The peer's certificate carries exactly one SPIFFE id and it names a
+         coordinator of this crunch.                            PEER_UNAUTHENTICATED
+  SMP-2  Exactly one token is present.                          TOKEN_MISSING, TOKEN_MALFORMED
   SMP-3  The token is at most MAX_TOKEN_BYTES.                  TOKEN_TOO_LARGE
   SMP-4  It is a PASETO v4.public token with a {"kid"} footer.  TOKEN_UNSUPPORTED_VERSION,
                                                                 TOKEN_MALFORMED
@@ -16,39 +20,60 @@ own stable code; SECURITY.md lists the test that proves each one.
   SMP-6  The signature verifies with that key under this
          protocol's implicit assertion.                         TOKEN_BAD_SIGNATURE
   SMP-7  The claims parse strictly (version 1, all fields,
-         nothing extra) and name the same key id.               TOKEN_MALFORMED,
-                                                                TOKEN_UNSUPPORTED_VERSION
+         nothing extra) and name the footer's key id.           TOKEN_UNSUPPORTED_VERSION,
+                                                                TOKEN_MALFORMED
   SMP-8  The claims name this crunch.                           TOKEN_WRONG_CRUNCH
   SMP-9  The claims name the gRPC method being called.          TOKEN_WRONG_METHOD
   SMP-10 iat <= now + skew; now - skew < exp;
-         exp - iat <= max lifetime.                             TOKEN_NOT_YET_VALID,
+         exp - iat <= max lifetime; iat >= the verifier's
+         start time (its replay cache was empty before).        TOKEN_NOT_YET_VALID,
                                                                 TOKEN_EXPIRED,
-                                                                TOKEN_LIFETIME_TOO_LONG
-  SMP-11 SHA-256 of the raw request bytes equals the claim.     TOKEN_BODY_MISMATCH
-  SMP-12 SHA-256 of the peer's certificate equals the claim.    TOKEN_CERT_MISMATCH
-  -- the request is parsed only after SMP-1..12 pass --
-  SMP-13 The request's model id is the claimed audience and
-         its model method the claimed method.                   TOKEN_WRONG_AUDIENCE,
+                                                                TOKEN_LIFETIME_TOO_LONG,
+                                                                TOKEN_ISSUED_BEFORE_START
+  SMP-11 The request starts with its model id field and the
+         SHA-256 of the bytes after it equals `bh`.             TOKEN_BODY_MISMATCH
+  SMP-12 SHA-256 of the peer's DER certificate equals `cnf`.    TOKEN_CERT_MISMATCH
+  -- only now is the request parsed --                          MALFORMED_REQUEST
+  SMP-13 The parsed request's model id is the one in its
+         prefix and is in the audience; its model method is
+         the claimed one.                                       TOKEN_WRONG_AUDIENCE,
                                                                 TOKEN_WRONG_METHOD
+  SMP-14 The (nonce, model id) pair was never accepted before;
+         the bounded cache refuses new tokens when full.        TOKEN_REPLAYED,
+                                                                REPLAY_CACHE_FULL
 
-The orchestrator's rule for watching a crunch's model list:
+Watching a crunch's model list (orchestrator, `authorize_watcher`):
 
-  SMP-20 The peer's certificate names a coordinator of this crunch
-         (as SMP-1), the crunch asked for is this one, and the
-         key id in its SPIFFE id is registered, not revoked and
-         valid now (as SMP-5).                                  PEER_UNAUTHENTICATED,
-                                                                WATCHER_NOT_AUTHORIZED,
-                                                                KEY_UNKNOWN, KEY_REVOKED,
-                                                                KEY_NOT_VALID_NOW
+  SMP-20 As SMP-1, the crunch asked for is this one, and the key
+         id in the peer's SPIFFE id passes SMP-5.               PEER_UNAUTHENTICATED,
+                                                                WATCHER_NOT_AUTHORIZED, KEY_*
+
+A runner's identity, checked by the client before it sends any request
+(`verify_delegation`; the TLS handshake has already pinned the runner's name
+to the crunch CA):
+
+  SMP-30 A delegation is present and at most MAX_DELEGATION_BYTES. DELEGATION_MISSING,
+                                                                DELEGATION_MALFORMED
+  SMP-31 The model is in the registry with a cruncher identity
+         key (the registry's word, never the orchestrator's).   MODEL_NOT_REGISTERED
+  SMP-32 The delegation is signed by that key (PASETO v4.public,
+         implicit assertion `secure-runner runner delegation v1`). DELEGATION_BAD_SIGNATURE,
+                                                                DELEGATION_MALFORMED
+  SMP-33 Its claims parse strictly and name this crunch and model. DELEGATION_MALFORMED,
+                                                                DELEGATION_WRONG_MODEL
+  SMP-34 iat <= now + skew, now - skew < exp and
+         exp - iat <= 31 days.                                  DELEGATION_EXPIRED
+  SMP-35 It binds the TLS key the runner actually presented
+         (SHA-256 of its SubjectPublicKeyInfo).                 DELEGATION_KEY_MISMATCH
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 from datetime import UTC, datetime
+from typing import Protocol, TypeVar
 
 from nacl.signing import VerifyKey
 from pydantic import ValidationError
@@ -57,9 +82,28 @@ from secure_runner.errors import AuthError, ErrorCode
 from secure_runner.smp import paseto
 from secure_runner.smp.identity import PeerIdentity, Role
 from secure_runner.smp.registry import Registry
-from secure_runner.smp.token import IMPLICIT_ASSERTION, MAX_TOKEN_BYTES, CallClaims, Footer, sha256_b64url
+from secure_runner.smp.replay import ReplayCache
+from secure_runner.smp.token import (
+    DELEGATION_ASSERTION,
+    IMPLICIT_ASSERTION,
+    MAX_DELEGATION_BYTES,
+    MAX_DELEGATION_LIFETIME,
+    MAX_TOKEN_BYTES,
+    CallClaims,
+    DelegationClaims,
+    Footer,
+    sha256_b64url,
+    split_model_id,
+)
 
-_Parsed = TypeVar("_Parsed", Footer, CallClaims)
+_Parsed = TypeVar("_Parsed", Footer, CallClaims, DelegationClaims)
+
+
+class ModelRequest(Protocol):
+    model_id: str
+
+
+_Request = TypeVar("_Request", bound=ModelRequest)
 
 
 @dataclass(frozen=True)
@@ -70,7 +114,7 @@ class TimePolicy:
 
 @dataclass(frozen=True)
 class CallContext:
-    """What the runner knows about one incoming call before parsing it."""
+    """What the verifier knows about one incoming call before parsing it."""
 
     crunch_id: str
     rpc: str
@@ -78,6 +122,7 @@ class CallContext:
     peer_cert_sha256: str
     body: bytes
     now: int
+    started_at: int  # unix seconds when the verifier (and its replay cache) started
 
 
 def authorize_coordinator_peer(crunch_id: str, peer_spiffe_ids: tuple[str, ...]) -> PeerIdentity:
@@ -101,10 +146,29 @@ def authorize_watcher(
     return peer
 
 
-def verify_call(
+def authorize_call(
+    tokens: Sequence[bytes],
+    ctx: CallContext,
+    registry: Registry,
+    replay: ReplayCache,
+    parse: Callable[[bytes], _Request],
+    policy: TimePolicy = TimePolicy(),
+) -> tuple[CallClaims, _Request]:
+    """SMP-1 to SMP-14, in order. `parse` must raise RequestError(MALFORMED_REQUEST)."""
+    claims, prefix_model_id = verify_token(tokens, ctx, registry, policy)
+    request = parse(ctx.body)
+    if request.model_id != prefix_model_id or request.model_id not in claims.aud:
+        raise AuthError(ErrorCode.TOKEN_WRONG_AUDIENCE, f"token is not for model {request.model_id[:64]!r}")
+    if getattr(request, "method", "") != claims.method:
+        raise AuthError(ErrorCode.TOKEN_WRONG_METHOD, f"token is for model method {claims.method!r}")
+    replay.insert(claims.nonce, request.model_id, claims.exp, ctx.now - policy.skew_seconds)
+    return claims, request
+
+
+def verify_token(
     tokens: Sequence[bytes], ctx: CallContext, registry: Registry, policy: TimePolicy = TimePolicy()
-) -> CallClaims:
-    """SMP-1 to SMP-12: everything that can be checked on raw bytes."""
+) -> tuple[CallClaims, str]:
+    """SMP-1 to SMP-12: everything checked on raw bytes. Returns the claims and the prefix model id."""
     authorize_coordinator_peer(ctx.crunch_id, ctx.peer_spiffe_ids)
     if not tokens:
         raise AuthError(ErrorCode.TOKEN_MISSING, "call carries no token")
@@ -124,29 +188,24 @@ def verify_call(
         raise AuthError(ErrorCode.TOKEN_WRONG_CRUNCH, f"token is for crunch {claims.crunch!r}")
     if claims.rpc != ctx.rpc:
         raise AuthError(ErrorCode.TOKEN_WRONG_METHOD, f"token is for {claims.rpc!r}, not {ctx.rpc!r}")
-    _check_time(claims, ctx.now, policy)
-    if claims.bh != sha256_b64url(ctx.body):
+    _check_time(claims, ctx, policy)
+    split = split_model_id(ctx.body)
+    if split is None or claims.bh != sha256_b64url(split[1]):
         raise AuthError(ErrorCode.TOKEN_BODY_MISMATCH, "request body does not match the token")
     if claims.cnf != ctx.peer_cert_sha256:
         raise AuthError(ErrorCode.TOKEN_CERT_MISMATCH, "token was issued for another client certificate")
-    return claims
+    return claims, split[0]
 
 
-def check_request_target(claims: CallClaims, model_id: str, method: str) -> None:
-    """SMP-13, on the parsed request."""
-    if claims.aud != model_id:
-        raise AuthError(ErrorCode.TOKEN_WRONG_AUDIENCE, f"token is for model {claims.aud!r}")
-    if claims.method != method:
-        raise AuthError(ErrorCode.TOKEN_WRONG_METHOD, f"token is for model method {claims.method!r}")
-
-
-def _check_time(claims: CallClaims, now: int, policy: TimePolicy) -> None:
-    if claims.iat > now + policy.skew_seconds:
+def _check_time(claims: CallClaims, ctx: CallContext, policy: TimePolicy) -> None:
+    if claims.iat > ctx.now + policy.skew_seconds:
         raise AuthError(ErrorCode.TOKEN_NOT_YET_VALID, "token is issued in the future")
-    if now - policy.skew_seconds >= claims.exp:
+    if ctx.now - policy.skew_seconds >= claims.exp:
         raise AuthError(ErrorCode.TOKEN_EXPIRED, "token has expired")
     if claims.exp - claims.iat > policy.max_lifetime_seconds:
-        raise AuthError(ErrorCode.TOKEN_LIFETIME_TOO_LONG, "token lifetime exceeds the runner's maximum")
+        raise AuthError(ErrorCode.TOKEN_LIFETIME_TOO_LONG, "token lifetime exceeds the verifier's maximum")
+    if claims.iat < ctx.started_at:
+        raise AuthError(ErrorCode.TOKEN_ISSUED_BEFORE_START, "token was issued before this verifier started")
 
 
 def _parse(model: type[_Parsed], data: bytes, what: str) -> _Parsed:
@@ -160,3 +219,43 @@ def _parse(model: type[_Parsed], data: bytes, what: str) -> _Parsed:
         return model.model_validate(obj)
     except ValidationError:
         raise AuthError(ErrorCode.TOKEN_MALFORMED, f"token {what} do not match the schema") from None
+
+
+def verify_delegation(
+    token: bytes,
+    *,
+    registry: Registry,
+    crunch_id: str,
+    model_id: str,
+    presented_spki_sha256: str,
+    now: int,
+    policy: TimePolicy = TimePolicy(),
+) -> DelegationClaims:
+    """SMP-30 to SMP-35."""
+    if not token:
+        raise AuthError(ErrorCode.DELEGATION_MISSING, f"no runner identity delegation for {model_id!r}")
+    if len(token) > MAX_DELEGATION_BYTES:
+        raise AuthError(ErrorCode.DELEGATION_MALFORMED, "delegation is too large")
+    entry = registry.model(crunch_id, model_id)
+    if entry is None or not entry.identity_public_key:
+        raise AuthError(ErrorCode.MODEL_NOT_REGISTERED, f"model {model_id!r} has no registered cruncher key")
+    try:
+        message, _ = paseto.verify(VerifyKey(entry.identity_key_bytes), token, DELEGATION_ASSERTION)
+    except AuthError as exc:
+        code = ErrorCode.DELEGATION_BAD_SIGNATURE if exc.code is ErrorCode.TOKEN_BAD_SIGNATURE else ErrorCode.DELEGATION_MALFORMED
+        raise AuthError(code, f"runner delegation: {exc.message}") from None
+    try:
+        claims = _parse(DelegationClaims, message, "delegation")
+    except AuthError as exc:
+        raise AuthError(ErrorCode.DELEGATION_MALFORMED, exc.message) from None
+    if claims.crunch != crunch_id or claims.model != model_id:
+        raise AuthError(ErrorCode.DELEGATION_WRONG_MODEL, f"delegation is for {claims.crunch}/{claims.model}")
+    if (
+        claims.iat > now + policy.skew_seconds
+        or now - policy.skew_seconds >= claims.exp
+        or claims.exp - claims.iat > MAX_DELEGATION_LIFETIME
+    ):
+        raise AuthError(ErrorCode.DELEGATION_EXPIRED, "delegation is not valid now")
+    if claims.spki != presented_spki_sha256:
+        raise AuthError(ErrorCode.DELEGATION_KEY_MISMATCH, "runner presented a TLS key its cruncher did not delegate")
+    return claims

@@ -1,10 +1,17 @@
-"""Call tokens: what a coordinator signs for every request to a runner.
+"""Call tokens: what a coordinator signs for its requests.
 
 A call token is a PASETO v4.public token whose implicit assertion names this
 protocol (so a signature made for anything else never verifies here) and whose
 footer carries the signing key id (so the verifier can pick the key). The
-claims bind the token to one crunch, one model, one gRPC method, the exact
-request bytes and the caller's TLS certificate, for a short time window.
+claims bind the token to one crunch, a set of models (the audience), one gRPC
+method and model method, the exact request bytes and the caller's TLS
+certificate, for a short time window.
+
+What is signed of the request: every request message starts with its model id
+(field 1). A request's bytes are `model_id_field(model_id) + shared`, and `bh`
+is the SHA-256 of `shared`. So one token signed per fan-out covers the same
+call to every model in its audience, while each request still names exactly
+one model, which must be in the audience.
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ import base64
 import hashlib
 import json
 import os
-from typing import Literal
+from collections.abc import Sequence
+from typing import Annotated, Literal
 
 from nacl.signing import SigningKey
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,8 +31,31 @@ from secure_runner.smp import paseto
 TOKEN_VERSION = 1
 IMPLICIT_ASSERTION = b"secure-runner call token v1"
 # Sizes a real token never exceeds; the runner refuses bigger ones before decoding.
-MAX_TOKEN_BYTES = 2048
+MAX_AUDIENCE = 64
+MAX_TOKEN_BYTES = 8192
 NONCE_BYTES = 16
+MAX_MODEL_ID_BYTES = 63
+_MODEL_ID_TAG = 0x0A  # field 1, wire type 2 (length-delimited)
+
+
+def model_id_field(model_id: str) -> bytes:
+    """The leading bytes of a request for `model_id`: its field 1, encoded."""
+    raw = model_id.encode()
+    if len(raw) > MAX_MODEL_ID_BYTES:
+        raise ValueError("model id too long")
+    return bytes((_MODEL_ID_TAG, len(raw))) + raw
+
+
+def split_model_id(body: bytes) -> tuple[str, bytes] | None:
+    """(model id, shared bytes) of a request in the signed form, or None if it is not."""
+    if len(body) < 2 or body[0] != _MODEL_ID_TAG or body[1] > MAX_MODEL_ID_BYTES:
+        return None
+    end = 2 + body[1]
+    try:
+        model_id = body[2:end].decode()
+    except UnicodeDecodeError:
+        return None
+    return (model_id, body[end:]) if len(model_id) == body[1] else None
 
 
 def b64url(data: bytes) -> str:
@@ -48,10 +79,12 @@ class CallClaims(BaseModel):
     v: Literal[1]
     crunch: str = Field(max_length=63, description="crunch id")
     kid: str = Field(max_length=64, description="signing key id, equal to the footer's")
-    aud: str = Field(max_length=63, description="model id the call is for")
+    aud: list[Annotated[str, Field(max_length=MAX_MODEL_ID_BYTES)]] = Field(
+        min_length=1, max_length=MAX_AUDIENCE, description="model ids the call may go to"
+    )
     rpc: str = Field(max_length=128, description="full gRPC method, /package.Service/Method")
     method: str = Field(max_length=128, description="model method for Call, empty otherwise")
-    bh: str = Field(min_length=43, max_length=43, description="SHA-256 of the request bytes")
+    bh: str = Field(min_length=43, max_length=43, description="SHA-256 of the request bytes after the model id")
     cnf: str = Field(min_length=43, max_length=43, description="SHA-256 of the caller's DER certificate")
     iat: int = Field(ge=0, description="issued at, unix seconds")
     exp: int = Field(ge=0, description="expires at, unix seconds")
@@ -63,23 +96,23 @@ def issue_call_token(
     *,
     key_id: str,
     crunch_id: str,
-    audience: str,
+    audience: Sequence[str],
     rpc: str,
     method: str,
-    body: bytes,
+    shared_body: bytes,
     cert_sha256: str,
     now: int,
     lifetime: int = 30,
 ) -> bytes:
-    """Sign a token for one request whose serialized bytes are `body`."""
+    """Sign a token for requests `model_id_field(m) + shared_body`, for each m in `audience`."""
     claims = CallClaims(
         v=TOKEN_VERSION,
         crunch=crunch_id,
         kid=key_id,
-        aud=audience,
+        aud=list(audience),
         rpc=rpc,
         method=method,
-        bh=sha256_b64url(body),
+        bh=sha256_b64url(shared_body),
         cnf=cert_sha256,
         iat=now,
         exp=now + lifetime,
@@ -88,3 +121,31 @@ def issue_call_token(
     message = claims.model_dump_json().encode()
     footer = json.dumps({"kid": key_id}, separators=(",", ":")).encode()
     return paseto.sign(key, message, footer, IMPLICIT_ASSERTION)
+
+
+# -- runner identity delegation -------------------------------------------------------
+
+DELEGATION_ASSERTION = b"secure-runner runner delegation v1"
+MAX_DELEGATION_BYTES = 2048
+MAX_DELEGATION_LIFETIME = 31 * 24 * 3600
+
+
+class DelegationClaims(BaseModel):
+    """A cruncher's statement: this TLS key may serve my model until `exp`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    v: Literal[1]
+    crunch: str = Field(max_length=63)
+    model: str = Field(max_length=MAX_MODEL_ID_BYTES)
+    spki: str = Field(min_length=43, max_length=43, description="SHA-256 of the runner's SubjectPublicKeyInfo")
+    iat: int = Field(ge=0)
+    exp: int = Field(ge=0)
+
+
+def issue_delegation(
+    cruncher_key: SigningKey, *, crunch_id: str, model_id: str, spki_sha256: str, now: int, lifetime: int
+) -> bytes:
+    """Signed by the cruncher's identity key (registered for the model), never by the orchestrator."""
+    claims = DelegationClaims(v=1, crunch=crunch_id, model=model_id, spki=spki_sha256, iat=now, exp=now + lifetime)
+    return paseto.sign(cruncher_key, claims.model_dump_json().encode(), b"", DELEGATION_ASSERTION)

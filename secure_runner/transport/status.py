@@ -18,6 +18,7 @@ TOKEN_KEY = "sr-token-bin"
 # auth layer refuses means the caller's identity was not established.
 _PERMISSION_DENIED = {
     ErrorCode.KEY_REVOKED,
+    ErrorCode.TOKEN_REPLAYED,
     ErrorCode.TOKEN_WRONG_CRUNCH,
     ErrorCode.TOKEN_WRONG_AUDIENCE,
     ErrorCode.TOKEN_WRONG_METHOD,
@@ -25,6 +26,7 @@ _PERMISSION_DENIED = {
     ErrorCode.WATCHER_NOT_AUTHORIZED,
 }
 _OTHER = {
+    ErrorCode.REPLAY_CACHE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorCode.MODEL_UNKNOWN: grpc.StatusCode.NOT_FOUND,
     ErrorCode.MODEL_NOT_SET_UP: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorCode.MALFORMED_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,

@@ -4,20 +4,37 @@ Servers always require a client certificate from the crunch's CA. Clients pin
 the exact server identity they expect through the TLS server name
 (`PeerIdentity.tls_server_name`), so a server holding another identity's
 certificate fails the handshake before any request byte is sent.
+
+Rotation: `reloading_server_credentials` serves whatever certificate, key and CA
+the files hold when a connection is accepted (a changed file is picked up by the
+next new connection; live connections keep theirs until `grpc.max_connection_age_ms`
+recycles them). Clients renew by opening a new channel. `fetch_server_certificate`
+lets a client see a server's certificate (its key, to check a runner identity
+delegation) before it sends any request.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import logging
+import os
+import socket
+import ssl
+import threading
+import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key
 
-from secure_runner.errors import ConfigError, ErrorCode
+from secure_runner.errors import AuthError, ConfigError, ErrorCode, RequestError
+
+log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_METADATA_BYTES = 16 * 1024
@@ -31,8 +48,17 @@ SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+    ("grpc.max_concurrent_streams", 128),
     ("grpc.so_reuseport", 0),
 ]
+
+
+def server_options(*, handshake_timeout_ms: int = 5_000) -> list[tuple[str, object]]:
+    """SERVER_OPTIONS with another TLS handshake timeout."""
+    return [
+        (name, handshake_timeout_ms if name == "grpc.server_handshake_timeout_ms" else value)
+        for name, value in SERVER_OPTIONS
+    ]
 
 
 @dataclass(frozen=True)
@@ -55,6 +81,144 @@ def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
 
 
+def _file_versions(files: TlsFiles) -> tuple[tuple[int, int, int] | None, ...]:
+    """(inode, mtime_ns, size) of the certificate, key and CA files; None for one that cannot be stat'ed.
+
+    The inode catches an atomic replacement (write + rename) even within one
+    coarse mtime tick and at the same size, as with a renewed P-256 key file.
+    """
+    versions = []
+    for path in (files.cert, files.key, files.ca):
+        try:
+            info = os.stat(path)
+        except OSError:
+            versions.append(None)
+        else:
+            versions.append((info.st_ino, info.st_mtime_ns, info.st_size))
+    return tuple(versions)
+
+
+def _checked_material(files: TlsFiles, *, require_valid_now: bool) -> tuple[bytes, bytes, bytes]:
+    """Read the files and check they make a usable server identity, or raise ConfigError(PKI_INVALID).
+
+    The certificate chain and CA must parse and the key must be the certificate's
+    (and, for a replacement, the certificate valid now): a half-written file, or a
+    key renewed before its certificate, never replaces a working pair.
+    """
+    cert_pem, key_pem, ca_pem = files.read()
+    try:
+        chain = x509.load_pem_x509_certificates(cert_pem)
+        x509.load_pem_x509_certificates(ca_pem)
+        key = load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(ErrorCode.PKI_INVALID, f"unusable TLS files ({files.cert}): {exc}") from None
+    spki = Encoding.DER, PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*spki) != chain[0].public_key().public_bytes(*spki):
+        raise ConfigError(ErrorCode.PKI_INVALID, f"{files.key} is not the key of {files.cert}")
+    now = datetime.now(timezone.utc)
+    if require_valid_now and not chain[0].not_valid_before_utc <= now < chain[0].not_valid_after_utc:
+        raise ConfigError(ErrorCode.PKI_INVALID, f"{files.cert} is not valid now")
+    return cert_pem, key_pem, ca_pem
+
+
+class _CertificateReloader:
+    """The fetcher of `reloading_server_credentials`: grpc calls it before every TLS handshake.
+
+    It runs on a grpc core thread, so it is thread-safe (one lock) and cheap
+    when nothing changed (three stat calls). Files are re-read only when one's
+    (inode, mtime_ns, size) changed since the last attempt; if the new material is
+    unusable, the current certificate stays in service, a warning is logged once
+    for that version of the files, and the next change is tried again.
+    """
+
+    def __init__(self, files: TlsFiles) -> None:
+        self.files = files
+        self._lock = threading.Lock()
+        self._versions = _file_versions(files)
+        cert, key, ca = _checked_material(files, require_valid_now=False)
+        self.initial = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+        try:
+            with self._lock:
+                versions = _file_versions(self.files)
+                if versions == self._versions:
+                    return None
+                self._versions = versions  # tried once per version, whatever the outcome
+                cert, key, ca = _checked_material(self.files, require_valid_now=True)
+                config = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+            log.info("TLS certificate %s reloaded", self.files.cert)
+            return config
+        except Exception as exc:  # never let a bad file break the handshake path
+            log.warning("keeping the current TLS certificate: %s", exc)
+            return None
+
+
+def reloading_server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
+    """Server credentials (client certificates required) that follow changes to `files`.
+
+    Raises ConfigError(PKI_INVALID) if the files are unusable to begin with.
+    """
+    reloader = _CertificateReloader(files)
+    return grpc.dynamic_ssl_server_credentials(reloader.initial, reloader, require_client_authentication=True)
+
+
+def fetch_server_certificate(
+    host: str, port: int, files: TlsFiles, server_name: str, timeout: float = 5.0
+) -> bytes:
+    """The DER certificate a server presents, after a full mutual-TLS 1.3 handshake.
+
+    Blocking (call it in a thread). The server must present a certificate from
+    `files.ca` naming `server_name`; `files.cert`/`files.key` authenticate us.
+    No application data is sent. In TLS 1.3 the server judges our certificate
+    only after the client's side of the handshake is done, so a returned
+    certificate says who the server is, not that it accepted us.
+
+    Raises AuthError(PEER_UNAUTHENTICATED) when the server is not who it should
+    be or the TLS handshake fails, RequestError(UNREACHABLE) when it cannot be
+    reached within `timeout` seconds (including a connection closed during the
+    handshake), ConfigError(PKI_INVALID) when our own files are unusable.
+    """
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(files.ca))
+        context.load_cert_chain(files.cert, files.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(ErrorCode.PKI_INVALID, f"cannot use TLS files {files.cert}: {exc}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.set_alpn_protocols(["h2"])  # what a gRPC server expects
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    deadline = time.monotonic() + timeout
+    where = f"{host}:{port} ({server_name})"
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            with context.wrap_socket(sock, server_hostname=server_name) as tls_sock:
+                der = tls_sock.getpeercert(binary_form=True)
+    except ssl.SSLCertVerificationError as exc:
+        raise AuthError(
+            ErrorCode.PEER_UNAUTHENTICATED, f"server {where} failed verification: {exc.verify_message}"
+        ) from None
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError):
+        raise RequestError(ErrorCode.UNREACHABLE, f"server {where} closed the connection during TLS") from None
+    except ssl.SSLError as exc:
+        reason = exc.reason or exc
+        raise AuthError(ErrorCode.PEER_UNAUTHENTICATED, f"TLS handshake with {where} failed: {reason}") from None
+    except OSError as exc:  # refused, unreachable, timed out, name resolution
+        raise RequestError(ErrorCode.UNREACHABLE, f"cannot reach {where}: {exc.strerror or exc}") from None
+    if not der:
+        raise AuthError(ErrorCode.PEER_UNAUTHENTICATED, f"server {where} presented no certificate")
+    return der
+
+
+def spki_sha256(der_cert: bytes) -> str:
+    """base64url (no padding) SHA-256 of a DER certificate's SubjectPublicKeyInfo: the key it certifies."""
+    try:
+        public_key = x509.load_der_x509_certificate(der_cert).public_key()
+    except ValueError:
+        raise AuthError(ErrorCode.PEER_UNAUTHENTICATED, "not a DER X.509 certificate") from None
+    return _b64url_sha256(public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+
+
 def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
     cert, key, ca = files.read()
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
@@ -68,9 +232,13 @@ def channel_options(server_name: str) -> list[tuple[str, object]]:
     ]
 
 
+def _b64url_sha256(data: bytes) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
 def cert_sha256(der: bytes) -> str:
     """RFC 8705 x5t#S256: base64url SHA-256 of the DER certificate."""
-    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+    return _b64url_sha256(der)
 
 
 def pem_to_der(pem: bytes) -> bytes:

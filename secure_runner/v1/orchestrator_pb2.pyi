@@ -27,7 +27,7 @@ class WatchModelsRequest(_message.Message):
     def __init__(self, crunch_id: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "model_name", "cruncher_id", "cruncher_name", "deployment_id", "address", "state")
+    __slots__ = ("model_id", "model_name", "cruncher_id", "cruncher_name", "deployment_id", "address", "state", "runner_delegation")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     CRUNCHER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class ModelInfo(_message.Message):
     DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    RUNNER_DELEGATION_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_name: str
     cruncher_id: str
@@ -42,7 +43,30 @@ class ModelInfo(_message.Message):
     deployment_id: str
     address: str
     state: ModelState
-    def __init__(self, model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., cruncher_id: _Optional[str] = ..., cruncher_name: _Optional[str] = ..., deployment_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ...) -> None: ...
+    runner_delegation: bytes
+    def __init__(self, model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., cruncher_id: _Optional[str] = ..., cruncher_name: _Optional[str] = ..., deployment_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., runner_delegation: _Optional[bytes] = ...) -> None: ...
+
+class FailureReport(_message.Message):
+    __slots__ = ("model_id", "deployment_id", "reason", "message", "consecutive_failures", "consecutive_timeouts")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CONSECUTIVE_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    CONSECUTIVE_TIMEOUTS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    deployment_id: str
+    reason: str
+    message: str
+    consecutive_failures: int
+    consecutive_timeouts: int
+    def __init__(self, model_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., consecutive_failures: _Optional[int] = ..., consecutive_timeouts: _Optional[int] = ...) -> None: ...
+
+class FailureReportAck(_message.Message):
+    __slots__ = ("stopped",)
+    STOPPED_FIELD_NUMBER: _ClassVar[int]
+    stopped: bool
+    def __init__(self, stopped: _Optional[bool] = ...) -> None: ...
 
 class ModelList(_message.Message):
     __slots__ = ("crunch_id", "revision", "models")

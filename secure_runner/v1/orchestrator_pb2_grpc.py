@@ -39,6 +39,11 @@ class OrchestratorStub:
                 request_serializer=secure__runner_dot_v1_dot_orchestrator__pb2.WatchModelsRequest.SerializeToString,
                 response_deserializer=secure__runner_dot_v1_dot_orchestrator__pb2.ModelList.FromString,
                 _registered_method=True)
+        self.ReportFailure = channel.unary_unary(
+                '/secure_runner.v1.Orchestrator/ReportFailure',
+                request_serializer=secure__runner_dot_v1_dot_orchestrator__pb2.FailureReport.SerializeToString,
+                response_deserializer=secure__runner_dot_v1_dot_orchestrator__pb2.FailureReportAck.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServicer:
@@ -52,6 +57,14 @@ class OrchestratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportFailure(self, request, context):
+        """A coordinator reports a model it disconnected; the orchestrator stops it.
+        Token-authenticated like every runner call (audience: the model reported).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +72,11 @@ def add_OrchestratorServicer_to_server(servicer, server):
                     servicer.WatchModels,
                     request_deserializer=secure__runner_dot_v1_dot_orchestrator__pb2.WatchModelsRequest.FromString,
                     response_serializer=secure__runner_dot_v1_dot_orchestrator__pb2.ModelList.SerializeToString,
+            ),
+            'ReportFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportFailure,
+                    request_deserializer=secure__runner_dot_v1_dot_orchestrator__pb2.FailureReport.FromString,
+                    response_serializer=secure__runner_dot_v1_dot_orchestrator__pb2.FailureReportAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +106,33 @@ class Orchestrator:
             '/secure_runner.v1.Orchestrator/WatchModels',
             secure__runner_dot_v1_dot_orchestrator__pb2.WatchModelsRequest.SerializeToString,
             secure__runner_dot_v1_dot_orchestrator__pb2.ModelList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secure_runner.v1.Orchestrator/ReportFailure',
+            secure__runner_dot_v1_dot_orchestrator__pb2.FailureReport.SerializeToString,
+            secure__runner_dot_v1_dot_orchestrator__pb2.FailureReportAck.FromString,
             options,
             channel_credentials,
             insecure,

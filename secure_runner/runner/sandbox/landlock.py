@@ -1,0 +1,62 @@
+"""Layer 8: Landlock (via the `landlockpy` binding).
+
+Filesystem: read (and execute) only the read-only trees and a few files,
+read-write only the private /tmp and /dev/null, nothing else, even for paths
+the uid could otherwise open. Network (ABI >= 4): no TCP bind or connect at
+all. Scopes (ABI >= 6): no abstract unix socket and no signal outside the
+worker's own domain. Rights the running kernel lacks are reported, not
+silently dropped.
+"""
+
+from __future__ import annotations
+
+import os
+
+import landlockpy
+from landlockpy import AccessFS, AccessNet, Scope
+
+READ_DIR = AccessFS.READ_FILE | AccessFS.READ_DIR | AccessFS.EXECUTE
+READ_FILE = AccessFS.READ_FILE | AccessFS.EXECUTE
+DEVICE = AccessFS.READ_FILE | AccessFS.WRITE_FILE
+HOST_FILES = ("/etc/ld.so.cache", "/etc/localtime", "/etc/passwd", "/etc/group", "/etc/hosts",
+              "/etc/nsswitch.conf", "/proc/cpuinfo", "/proc/meminfo", "/proc/stat")
+DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+TCP = AccessNet.BIND_TCP | AccessNet.CONNECT_TCP
+SCOPES = Scope.ABSTRACT_UNIX_SOCKET | Scope.SIGNAL
+
+
+def abi() -> int:
+    return landlockpy.abi_version()
+
+
+def apply(read_only: list[str], writable: str) -> str:
+    version = abi()
+    handled_fs = landlockpy.fs_for_abi(version)
+    tmp_rights = handled_fs & ~(AccessFS.MAKE_CHAR | AccessFS.MAKE_BLOCK | AccessFS.IOCTL_DEV)
+    with landlockpy.Ruleset(handled_fs=handled_fs, handled_net=TCP, scoped=SCOPES) as ruleset:
+        for path in read_only:
+            ruleset.allow_path(path, READ_DIR if os.path.isdir(path) else READ_FILE)
+        for path in (*HOST_FILES, f"/proc/{os.getpid()}"):
+            if os.path.exists(path):
+                ruleset.allow_path(path, READ_DIR if os.path.isdir(path) else READ_FILE)
+        for path in DEVICES:
+            if os.path.exists(path):
+                ruleset.allow_path(path, DEVICE)
+        ruleset.allow_path(writable, tmp_rights)
+        ruleset.restrict(no_new_privs=False)  # already set by its own layer
+        net, scoped = ruleset.handled_net, ruleset.scoped
+    lacking = [name for name, ok in (("TCP rules (ABI 4)", net == TCP), ("scopes (ABI 6)", scoped == SCOPES)) if not ok]
+    detail = f"ABI {version}: read-only allowlist of {len(read_only)} trees, writable {writable}"
+    detail += ", no TCP, no outside abstract sockets or signals" if not lacking else f"; kernel lacks {', '.join(lacking)}"
+    return detail
+
+
+def verify(read_only: list[str]) -> str:
+    outside = "/"
+    if outside in read_only:
+        raise OSError("the root directory is on the allowlist")
+    try:
+        os.listdir(outside)
+    except PermissionError:
+        return "listing / is refused"
+    raise OSError("listing / is still allowed")

@@ -1,0 +1,77 @@
+"""What a runner asks of each worker's sandbox: limits and required layers.
+
+Both dataclasses travel to the worker as JSON inside its config, so they hold
+plain values only. Every layer is required by default: a worker that cannot
+apply a required layer refuses to load code, and a runner refuses to start.
+`allow_missing` is the explicit, logged opt-out, layer by layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# In the order the worker applies them (DESIGN.md section 4).
+LAYERS = (
+    "environment",   # clean env, no inherited descriptors, new session (set up by the runner, verified here)
+    "cgroup",        # memory, pids (and cpu quota where the cpu controller is present)
+    "rlimits",       # CPU seconds, address space, open files, processes, file size, core 0
+    "namespaces",    # network (only its own lo), IPC, UTS, mount, cgroup
+    "filesystem",    # new root: read-only binds of what Python needs, the submission, base paths; private /tmp
+    "uid",           # a per-worker unprivileged uid/gid, no supplementary groups, empty capability bounding set
+    "no_new_privs",  # setuid/file capabilities give nothing
+    "landlock",      # read-only allowlist, writable /tmp, no TCP, no abstract sockets or signals outside
+    "seccomp",       # deny-list: ptrace, mount, namespaces, kernel keyring, bpf, non-unix sockets, ...
+)
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    """Resource limits of one worker (rlimits and cgroup); every value is per worker."""
+
+    address_space_bytes: int = 8 << 30  # RLIMIT_AS: generous, tight values break OpenBLAS
+    open_files: int = 256
+    file_size_bytes: int = 64 << 20
+    core_bytes: int = 0
+    cpu_seconds: int = 3600  # RLIMIT_CPU over the worker's life: SIGXCPU, then SIGKILL one second later
+    processes: int = 64  # RLIMIT_NPROC, counted for the worker's own uid (threads included)
+    memory_bytes: int = 2 << 30  # cgroup memory limit (no swap); the kernel's OOM killer enforces it
+    pids: int = 64  # cgroup pids limit (processes and threads)
+    cpu_cores: float = 1.0  # cgroup CPU quota in cores; 0 leaves CPU time unthrottled
+    tmp_bytes: int = 256 << 20  # size of the private /tmp (a tmpfs, charged to the memory limit)
+
+
+@dataclass(frozen=True)
+class SandboxPolicy:
+    """Which layers may be missing, and the uid range workers run as."""
+
+    allow_missing: tuple[str, ...] = ()
+    # A worker runs as uid = gid = uid_base + its pid: unique among live workers on the host, so
+    # workers never share a uid (no signals, ptrace or RLIMIT_NPROC budget between models).
+    uid_base: int = 1_000_000_000
+    check_only: bool = field(default=False, repr=False)  # sandbox-check: apply, probe, report, exit
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.allow_missing) - set(LAYERS))
+        if unknown:
+            raise ValueError(f"unknown sandbox layer(s) {', '.join(unknown)}; known: {', '.join(LAYERS)}")
+
+    def required(self, layer: str) -> bool:
+        return layer not in self.allow_missing
+
+    def refusal(self, layers: list[LayerResult]) -> str:
+        return refusal(self, layers)
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    name: str
+    active: bool
+    detail: str
+
+
+def refusal(policy: SandboxPolicy, layers: list[LayerResult]) -> str:
+    """Why a worker must not load code, or "" when every required layer is in force."""
+    seen = {layer.name for layer in layers}
+    missing = [f"{r.name} ({r.detail})" for r in layers if not r.active and policy.required(r.name)]
+    missing += [f"{name} (not reported)" for name in LAYERS if name not in seen and policy.required(name)]
+    return "required sandbox layer missing: " + "; ".join(missing) if missing else ""

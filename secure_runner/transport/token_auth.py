@@ -1,0 +1,107 @@
+"""The token auth interceptor: authenticate a call before its request is parsed.
+
+For each protected unary method it swaps in a handler that receives the raw
+request bytes, so unauthenticated input never reaches the protobuf parser. The
+decision itself is `smp.rules.authorize_call`; this module only gathers its
+inputs (token metadata, peer certificate, method, clock), writes every allow and
+deny to the audit log, and turns refusals into gRPC statuses with a reason code.
+Used by the runner (Setup, Call, Reset) and the orchestrator (ReportFailure).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Collection
+from typing import Protocol
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from secure_runner.errors import AuthError, ErrorCode, RequestError
+from secure_runner.smp import rules
+from secure_runner.smp.registry import Registry
+from secure_runner.smp.replay import ReplayCache
+from secure_runner.transport.status import TOKEN_KEY, abort
+from secure_runner.transport.tls import PeerCertificates
+
+log = logging.getLogger(__name__)
+
+ANONYMOUS = "anonymous"
+
+
+class AuditSink(Protocol):
+    def record(self, *, decision: str, code: str, who: str, what: dict[str, str]) -> None: ...
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(
+        self,
+        crunch_id: str,
+        protected_rpcs: Collection[str],
+        registry: Callable[[], Registry],
+        audit: AuditSink,
+        *,
+        replay: ReplayCache,
+        policy: rules.TimePolicy = rules.TimePolicy(),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._crunch_id = crunch_id
+        self._protected = frozenset(protected_rpcs)
+        self._registry = registry
+        self._audit = audit
+        self._replay = replay
+        self._policy = policy
+        self._clock = clock
+        self._started_at = int(clock())
+        self._peers = PeerCertificates()
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        rpc = handler_call_details.method
+        if handler is None or rpc not in self._protected:
+            return handler
+        tokens = [v for k, v in handler_call_details.invocation_metadata or () if k == TOKEN_KEY]
+        parse = _parser(handler.request_deserializer)
+
+        async def authenticated(raw: bytes, context: grpc.aio.ServicerContext):
+            peer = self._peers.from_auth_context(context.auth_context())
+            who = peer.spiffe_ids[0] if peer and len(peer.spiffe_ids) == 1 else ANONYMOUS
+            try:
+                if peer is None:
+                    raise AuthError(ErrorCode.PEER_UNAUTHENTICATED, "no client certificate")
+                ctx = rules.CallContext(
+                    crunch_id=self._crunch_id,
+                    rpc=rpc,
+                    peer_spiffe_ids=peer.spiffe_ids,
+                    peer_cert_sha256=peer.sha256,
+                    body=raw,
+                    now=int(self._clock()),
+                    started_at=self._started_at,
+                )
+                claims, request = rules.authorize_call(tokens, ctx, self._registry(), self._replay, parse, self._policy)
+            except (AuthError, RequestError) as exc:
+                log.warning("refused %s from %s: %s", rpc, who, exc)
+                self._audit.record(decision="deny", code=exc.code, who=who, what={"rpc": rpc})
+                await abort(context, exc)
+            self._audit.record(
+                decision="allow",
+                code="OK",
+                who=who,
+                what={"rpc": rpc, "model": request.model_id, "method": claims.method, "nonce": claims.nonce},
+            )
+            return await handler.unary_unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            authenticated, request_deserializer=None, response_serializer=handler.response_serializer
+        )
+
+
+def _parser(deserializer: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    def parse(raw: bytes):
+        try:
+            return deserializer(raw)
+        except DecodeError:
+            raise RequestError(ErrorCode.MALFORMED_REQUEST, "request is not a valid message") from None
+
+    return parse
