@@ -9,7 +9,8 @@ signs call tokens, and each cruncher holds one too. The choices, and why:
   re-issuing is one function call (`issue_certificate`, `issue_runner_certificate`).
   `not_valid_before` is backdated 5 minutes so small clock skew between hosts does
   not make a fresh certificate "not yet valid". `renew` re-issues every leaf of a
-  layout with new keys (`secure-runner pki renew DIR`); servers using
+  layout, keeping each TLS key unless asked to rotate it (`secure-runner pki renew DIR
+  [--new-keys]`), because runner delegations bind the key; servers using
   `transport.tls.reloading_server_credentials` pick the new files up without a restart.
 * **P-256 (ECDSA) leaf keys.** grpcio's TLS stack (BoringSSL as configured by
   gRPC) fails the handshake with NO_COMMON_SIGNATURE_ALGORITHMS when the *leaf*
@@ -293,6 +294,7 @@ def issue_certificate(
     identity: PeerIdentity,
     *,
     days: int = 7,
+    key: ec.EllipticCurvePrivateKey | None = None,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A new P-256 key and a leaf certificate for `identity`, signed by the CA.
 
@@ -309,7 +311,10 @@ def issue_certificate(
     if not_after <= now:
         raise ConfigError(ErrorCode.PKI_INVALID, f"the CA certificate expired at {ca_cert.not_valid_after_utc}")
 
-    key = ec.generate_private_key(ec.SECP256R1())
+    if key is None:
+        key = ec.generate_private_key(ec.SECP256R1())
+    elif not isinstance(key.curve, ec.SECP256R1):
+        raise ConfigError(ErrorCode.PKI_INVALID, "leaf keys must be P-256")
     subject = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, identity.crunch_id),
@@ -653,8 +658,13 @@ def _layout_leaves(layout: PkiLayout, crunch_id: str) -> list[tuple[PeerIdentity
     return leaves
 
 
-def renew(layout: PkiLayout, *, days: int = 7) -> list[Path]:
-    """Re-issue every leaf certificate of `layout` with a new P-256 key; return the certificate paths.
+def renew(layout: PkiLayout, *, days: int = 7, new_keys: bool = False) -> list[Path]:
+    """Re-issue every leaf certificate of `layout`; return the certificate paths.
+
+    By default each leaf keeps its TLS key: a runner's identity delegation binds
+    that key (SMP-35), so renewing the certificate alone leaves delegations
+    valid. `new_keys=True` rotates the keys too; runners then need delegations
+    for their new keys before clients accept them.
 
     Covers the coordinator, the orchestrator and every runner under `runners/`
     that has a certificate. Each keeps its identity (SPIFFE id and DNS name; the
@@ -670,12 +680,24 @@ def renew(layout: PkiLayout, *, days: int = 7) -> list[Path]:
     leaves = _layout_leaves(layout, _layout_crunch_id(ca_cert))
     if not leaves:
         raise ConfigError(ErrorCode.PKI_INVALID, f"no leaf certificates to renew in {layout.root}")
-    issued = [(issue_certificate(ca_cert, ca_key, identity, days=days), cert_path, key_path)
-              for identity, cert_path, key_path in leaves]  # fmt: skip
+    issued = [
+        (issue_certificate(ca_cert, ca_key, identity, days=days, key=None if new_keys else _reusable_key(key_path)),
+         cert_path, key_path)
+        for identity, cert_path, key_path in leaves
+    ]  # fmt: skip
     for (cert, key), cert_path, key_path in issued:
         write_private_key(key_path, key)
         write_certificate(cert_path, cert)
     return [cert_path for _, cert_path, _ in issued]
+
+
+def _reusable_key(path: Path) -> ec.EllipticCurvePrivateKey | None:
+    """The existing P-256 key at `path`, or None (a new one is made) if it is missing or unusable."""
+    try:
+        key = load_private_key(path)
+    except ConfigError:
+        return None
+    return key if isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1) else None
 
 
 # --------------------------------------------------------------------------- CLI
@@ -721,10 +743,12 @@ def _build_parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="replace the files of an existing layout in OUT")
     renew_cmd = commands.add_parser(
         "renew",
-        help="re-issue every leaf certificate of a layout with new keys from its CA",
-        description="Re-issue the coordinator, orchestrator and runner certificates in DIR with new keys "
-        "(see secure_runner.pki.renew); the CA, identity keys and registry are kept.",
+        help="re-issue every leaf certificate of a layout from its CA",
+        description="Re-issue the coordinator, orchestrator and runner certificates in DIR "
+        "(see secure_runner.pki.renew); the CA, identity keys and registry are kept, and so are "
+        "the TLS keys unless --new-keys is given.",
     )
+    renew_cmd.add_argument("--new-keys", action="store_true", help="rotate the TLS keys too")
     renew_cmd.add_argument("dir", metavar="DIR", type=Path, help="a directory written by `pki init`")
     renew_cmd.add_argument("--days", type=int, default=7, metavar="N", help="leaf certificate validity (default 7)")
     return parser
@@ -751,7 +775,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _renew(args: argparse.Namespace) -> int:
-    paths = renew(PkiLayout(args.dir), days=args.days)
+    paths = renew(PkiLayout(args.dir), days=args.days, new_keys=args.new_keys)
     lines = [f"renewed {len(paths)} certificates in {args.dir}"]
     for path in paths:
         lines.append(f"  {path}  (valid until {load_certificate(path).not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC)")

@@ -407,3 +407,27 @@ async def test_runner_identity_failure_blames_that_model_only_and_sends_it_nothi
     finally:
         await client.close()
         await orchestrator.stop()
+
+
+# -- rotation ----------------------------------------------------------------------------
+
+
+async def test_runner_serves_a_renewed_certificate_without_restart(layout, tmp_path):
+    from conftest import RunnerProcess
+
+    private = _copy_layout(layout, tmp_path)
+    runner = RunnerProcess(private, "counter")
+    try:
+        files = tls.TlsFiles(private.coordinator_cert, private.coordinator_key, private.ca_cert)
+        name = PeerIdentity.make(CRUNCH, Role.RUNNER, "counter").tls_server_name
+        before = await asyncio.to_thread(tls.fetch_server_certificate, "127.0.0.1", runner.port, files, name)
+        pki.renew(private, days=2)
+        after = await asyncio.to_thread(tls.fetch_server_certificate, "127.0.0.1", runner.port, files, name)
+        assert after != before and after == tls.pem_to_der(private.runner_cert("counter").read_bytes())
+        # The renewed coordinator certificate works too: a new client is served by the same process.
+        client = await _ready(private, runner)
+        assert (await client.call("echo", "rotated")).status == OK
+        assert runner.proc.poll() is None
+        await client.close()
+    finally:
+        runner.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 import sys
 
@@ -29,13 +30,15 @@ from conftest import BASE_CLASS, BASE_PATH, CRUNCH, MODELS
 
 
 @pytest.fixture(scope="module")
-def orchestrator(layout):
+def orchestrator(layout, tmp_path_factory):
+    # Its own copy of the PKI: an orchestrator issues runner certificates into its folder.
+    private = shutil.copytree(layout.root, tmp_path_factory.mktemp("orchestrator") / "pki")
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "secure_runner.cli", "orchestrator",
             "--crunch", CRUNCH,
             "--submissions", str(MODELS / "submissions"),
-            "--pki", str(layout.root),
+            "--pki", str(private),
             "--base-path", str(BASE_PATH),
             "--log-level", "WARNING",
         ],
@@ -60,9 +63,8 @@ async def own_orchestrator(layout, tmp_path):
         LocalOrchestratorSettings(
             crunch_id=CRUNCH,
             submissions=submissions,
-            pki_dir=layout.root,
+            pki_dir=shutil.copytree(layout.root, tmp_path / "pki"),  # it issues runner certificates there
             base_paths=[BASE_PATH],
-            audit_dir=tmp_path / "audit",  # the module's orchestrator holds the default audit files
         )
     )
     await orchestrator.start()

@@ -109,12 +109,18 @@ async def test_renewed_certificate_is_served_without_a_restart(layout: pki.PkiLa
         second = await _fetch(port, layout)
         assert second == pki.load_certificate(layout.runner_cert("m1"))
         assert second.serial_number != first.serial_number
-        assert tls.spki_sha256(second.public_bytes(Encoding.DER)) != tls.spki_sha256(first.public_bytes(Encoding.DER))
+        spki = [tls.spki_sha256(c.public_bytes(Encoding.DER)) for c in (first, second)]
+        assert spki[0] == spki[1], "renewal keeps the key a runner delegation binds"
+
+        pki.renew(layout, new_keys=True)
+        third = await _fetch(port, layout)
+        assert third == pki.load_certificate(layout.runner_cert("m1"))
+        assert tls.spki_sha256(third.public_bytes(Encoding.DER)) != spki[0]
 
         new_channel = _channel(port, layout, M1)
         assert await _health(new_channel) == SERVING
         assert await _health(old_channel) == SERVING, "live connections keep working"
-        assert await _fetch(port, layout) == second
+        assert await _fetch(port, layout) == third
         await asyncio.gather(old_channel.close(), new_channel.close())
 
 
@@ -252,7 +258,10 @@ def _san_uris(cert: x509.Certificate) -> list[str]:
     return san.get_values_for_type(x509.UniformResourceIdentifier) + san.get_values_for_type(x509.DNSName)
 
 
-def test_renew_keeps_ca_registry_and_identity_keys(layout: pki.PkiLayout, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("new_keys", [False, True], ids=["same-keys", "new-keys"])
+def test_renew_keeps_ca_registry_and_identity_keys(
+    layout: pki.PkiLayout, capsys: pytest.CaptureFixture, new_keys: bool
+) -> None:
     leaves = [layout.coordinator_cert, layout.orchestrator_cert, layout.runner_cert("m1"), layout.runner_cert("m2")]
     keys = [layout.coordinator_key, layout.orchestrator_key, layout.runner_key("m1"), layout.runner_key("m2")]
     kept = [layout.ca_cert, layout.ca_key, layout.registry, layout.coordinator_identity]
@@ -260,7 +269,7 @@ def test_renew_keeps_ca_registry_and_identity_keys(layout: pki.PkiLayout, capsys
     before = {path: path.read_bytes() for path in leaves + keys + kept}
     old = {path: pki.load_certificate(path) for path in leaves}
 
-    assert pki.main(["renew", str(layout.root), "--days", "2"]) == 0
+    assert pki.main(["renew", str(layout.root), "--days", "2", *(["--new-keys"] if new_keys else [])]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("renewed 4 certificates")
 
@@ -268,7 +277,8 @@ def test_renew_keeps_ca_registry_and_identity_keys(layout: pki.PkiLayout, capsys
     for path in kept:
         assert path.read_bytes() == before[path], path
     for path in keys:
-        assert path.read_bytes() != before[path], path
+        # Kept by default: runner delegations bind the TLS key.
+        assert (path.read_bytes() != before[path]) is new_keys, path
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     for cert_path, key_path in zip(leaves, keys, strict=True):
         assert str(cert_path) in printed

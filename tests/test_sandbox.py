@@ -331,3 +331,27 @@ def test_runner_refuses_to_start_without_a_required_layer(layout, fresh_runner, 
     assert "sandbox layer uid may be missing: explicitly allowed" in err
     assert "sandbox layer uid is MISSING (allowed by --allow-missing-layer)" in err
     assert runner.proc.poll() is None
+
+
+async def test_a_worker_dying_between_calls_shows_in_health_at_once(layout, fresh_runner, tmp_path, sandbox_available):
+    submission = write_submission(
+        tmp_path,
+        "late-death",
+        {"echo": "def echo(self, value):\n"
+                 "        threading.Timer(0.3, os._exit, (5,)).start()\n"
+                 "        return value"},
+        imports="import os\nimport threading",
+    )
+    runner = fresh_runner(MODEL, submission)
+    client = await _client(layout, runner)
+    assert (await client.call("echo", 1)).status == OK  # answers, then dies 0.3 s later
+    seen = []
+    for _ in range(100):
+        seen.append(await _health(client))
+        if health_pb2.HealthCheckResponse.NOT_SERVING in seen and seen[-1] == health_pb2.HealthCheckResponse.SERVING:
+            break
+        await asyncio.sleep(0.02)
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in seen and seen[-1] == health_pb2.HealthCheckResponse.SERVING
+    response = await client.call("echo", "again")  # a fresh worker, set up again (it dies again later)
+    assert response.status == OK and codec.from_variant(response.output) == "again"
+    await client.close()

@@ -165,3 +165,14 @@ def test_minimal_read_only_paths_drop_nested_and_system_dirs(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     kept = filesystem.minimal([str(tmp_path / "a" / "b"), str(tmp_path / "a"), "/usr/lib", str(tmp_path / "a") + "/"])
     assert kept == [str(Path(tmp_path / "a").resolve())]
+
+
+def test_require_skips_with_a_reason_but_fails_under_ci(monkeypatch, capsys):
+    require(True, "never shown")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no landlock here"):
+        require(False, "no landlock here")
+    assert "SKIPPED: no landlock here" in capsys.readouterr().out
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="required in CI: no landlock here"):
+        require(False, "no landlock here")

@@ -90,7 +90,8 @@ class LocalOrchestrator:
 
     async def start(self) -> int:
         files = tls.TlsFiles(self.layout.orchestrator_cert, self.layout.orchestrator_key, self.layout.ca_cert)
-        self.port = self._server.add_secure_port(f"{self.settings.host}:{self.settings.port}", tls.server_credentials(files))
+        address = f"{self.settings.host}:{self.settings.port}"
+        self.port = self._server.add_secure_port(address, tls.reloading_server_credentials(files))
         await self._server.start()
         registry = self._registry.current()
         launches = []

@@ -160,7 +160,7 @@ class RunnerServer:
     async def start(self) -> int:
         await asyncio.gather(*(host.start() for host in self.hosts.values()))
         address = f"{self.settings.host}:{self.settings.port}"
-        self.port = self._server.add_secure_port(address, tls.server_credentials(self.settings.tls))
+        self.port = self._server.add_secure_port(address, tls.reloading_server_credentials(self.settings.tls))
         await self._server.start()
         await self.health.set("", SERVING)
         return self.port

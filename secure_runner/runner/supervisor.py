@@ -132,7 +132,7 @@ class WorkerProcess:
         cgroup, error = None, ""
         try:
             cgroup = cgroups.WorkerCgroup.create(model_id, config.limits)
-        except cgroups.CgroupUnavailable as exc:
+        except (cgroups.CgroupUnavailable, OSError, ValueError) as exc:  # reported as a missing layer
             error = str(exc)
         config = replace(config, cgroup_procs=cgroup.procs_files if cgroup else [], cgroup_error=error)
         try:
@@ -344,9 +344,7 @@ class ModelHost:
         # Let discarded workers finish closing: that removes their cgroups.
         await asyncio.gather(*list(self._background), return_exceptions=True)
         async with self._lock:
-            if self._process:
-                await self._process.close()
-                self._process = None
+            await self._close_worker()
         cgroups.remove_runner_dirs()  # succeeds once the last model of this runner is closed
 
     def _record_failure(self, code: ErrorCode, message: str) -> None:
@@ -392,7 +390,20 @@ class ModelHost:
                 await process.close()
                 raise WorkerGone(ErrorCode.WORKER_CRASHED, f"replayed setup failed: {response.setup.error.message}")
         self._process = process
+        process.exited.add_done_callback(lambda _exit: self._exited(process))
         self.on_health(self.model_id, True)
+
+    def _exited(self, process: WorkerProcess) -> None:
+        """A worker died on its own (between calls, too): health says so at once, a restart is scheduled."""
+        if process is self._process:
+            self.on_health(self.model_id, False)
+            self._schedule_restart()
+
+    async def _close_worker(self) -> None:
+        """Under the lock: close the current worker on purpose (detached first, so it is not a failure)."""
+        process, self._process = self._process, None
+        if process is not None:
+            await process.close()
 
     def _discard_worker(self, code: ErrorCode, message: str) -> None:
         """Kill the current worker now and start a new one in the background, after the backoff."""
@@ -447,9 +458,7 @@ class ModelHost:
 
     async def _restart_fresh(self) -> None:
         self._setup = self._setup_response = None
-        if self._process is not None:
-            await self._process.close()
-            self._process = None
+        await self._close_worker()
         await self._ensure_worker()
 
     async def call(self, request: runner_pb2.CallRequest, timeout: float) -> runner_pb2.CallResponse:
@@ -477,9 +486,7 @@ class ModelHost:
 
     async def reset(self) -> None:
         async with self._lock:
-            if self._process is not None:
-                await self._process.close()
-                self._process = None
+            await self._close_worker()
             self.on_health(self.model_id, False)
             try:
                 await self._ensure_worker()

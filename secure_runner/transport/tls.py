@@ -76,11 +76,6 @@ class TlsFiles:
             raise ConfigError(ErrorCode.PKI_INVALID, f"cannot read TLS file: {exc}") from None
 
 
-def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
-    cert, key, ca = files.read()
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
-
-
 def _file_versions(files: TlsFiles) -> tuple[tuple[int, int, int] | None, ...]:
     """(inode, mtime_ns, size) of the certificate, key and CA files; None for one that cannot be stat'ed.
 

