@@ -20,6 +20,8 @@ from secure_runner.client.security import CoordinatorSecurity
 from secure_runner.codec import encode_data
 from secure_runner.errors import ConfigError, ErrorCode
 from secure_runner.orchestrator.local import LocalOrchestrator, LocalOrchestratorSettings
+from secure_runner.runner.sandbox.policy import SandboxPolicy, WorkerLimits
+from secure_runner.runner.supervisor import check_sandbox
 from secure_runner.v1.values_pb2 import Argument, Variant, VariantType
 
 CRUNCH_ID = "demo-crunch"
@@ -29,6 +31,21 @@ MODELS = [
     pki.ModelSpec("slow-model", "Sleepy", "bob", "Bob"),
     pki.ModelSpec("raising-model", "Buggy", "carol", "Carol"),
 ]
+
+
+async def _missing_sandbox_layers() -> tuple[str, ...]:
+    """Probe the worker sandbox here; the demo runs without missing layers, and says so loudly."""
+    layers = await check_sandbox(WorkerLimits(), SandboxPolicy())
+    missing = tuple(layer.name for layer in layers if not layer.active)
+    if missing:
+        print(
+            f"WARNING: sandbox layers missing on this machine: {', '.join(missing)} "
+            "(see `secure-runner sandbox-check`). The demo runs without them; a runner refuses "
+            "to start without them unless given --allow-missing-layer."
+        )
+    else:
+        print(f"sandbox: all {len(layers)} worker layers active ({', '.join(layer.name for layer in layers)})")
+    return missing
 
 
 def default_examples() -> Path:
@@ -55,6 +72,7 @@ async def run_demo(rounds: int = 3, examples: Path | None = None, timeout: float
     examples = examples or default_examples()
     if not (examples / "submissions").is_dir():
         raise ConfigError(ErrorCode.INVALID_VALUE, f"no examples at {examples}; pass --examples DIR")
+    missing = await _missing_sandbox_layers()
     with tempfile.TemporaryDirectory(prefix="secure-runner-demo-") as tmp:
         layout = pki.make_test_pki(Path(tmp) / "pki", CRUNCH_ID, MODELS, days=1)
         print(f"PKI: CA, certificates and identity keys for crunch {CRUNCH_ID!r} in {layout.root}")
@@ -65,6 +83,7 @@ async def run_demo(rounds: int = 3, examples: Path | None = None, timeout: float
                 pki_dir=layout.root,
                 base_paths=[examples],
                 runner_log_level="ERROR",
+                allow_missing_layers=missing,
             )
         )
         port = await orchestrator.start()

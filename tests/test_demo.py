@@ -38,4 +38,7 @@ def test_demo_shows_success_timeout_and_failure_with_identities():
     assert "still connected: good-model, raising-model" in out
     assert out.rstrip().endswith("demo finished: everything shut down")
     assert "Traceback" not in done.stderr
-    assert Path(out.split(" in ", 1)[1].split()[0]).exists() is False  # the temporary PKI is gone
+    pki_line = next(line for line in out.splitlines() if line.startswith("PKI: "))
+    assert not Path(pki_line.rsplit(" in ", 1)[1]).exists()  # the temporary PKI is gone
+    # The sandbox is probed first and its state said plainly.
+    assert out.startswith(("sandbox: all 9 worker layers active", "WARNING: sandbox layers missing"))

@@ -55,6 +55,8 @@ class LocalOrchestratorSettings:
     runner_start_timeout: float = 30.0
     runner_log_level: str = "WARNING"
     audit_dir: Path | None = None  # default: an `audit` folder beside the PKI folder
+    # Sandbox layers the runners may start without (each runner logs it); empty: all required.
+    allow_missing_layers: tuple[str, ...] = ()
 
     @property
     def audit_folder(self) -> Path:
@@ -129,6 +131,8 @@ class LocalOrchestrator:
         ]
         for base in self.settings.base_paths:
             command += ["--base-path", str(base.resolve())]
+        for layer in self.settings.allow_missing_layers:
+            command += ["--allow-missing-layer", layer]
         proc = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
         self._runners[info.model_id] = proc
         try:
