@@ -69,6 +69,7 @@ to the crunch CA):
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -81,7 +82,7 @@ from pydantic import ValidationError
 from secure_runner.errors import AuthError, ErrorCode
 from secure_runner.smp import paseto
 from secure_runner.smp.identity import PeerIdentity, Role
-from secure_runner.smp.registry import Registry
+from secure_runner.smp.registry import Registry, decode_public_key
 from secure_runner.smp.replay import ReplayCache
 from secure_runner.smp.token import (
     DELEGATION_ASSERTION,
@@ -180,7 +181,7 @@ def verify_token(
     _, _, footer_bytes = paseto.split(token)
     footer = _parse(Footer, footer_bytes, "footer")
     key = registry.coordinator_key(ctx.crunch_id, footer.kid, datetime.fromtimestamp(ctx.now, UTC))
-    message, _ = paseto.verify(VerifyKey(key.public_key_bytes), token, IMPLICIT_ASSERTION)
+    message, _ = paseto.verify(_verify_key(key.public_key), token, IMPLICIT_ASSERTION)
     claims = _parse(CallClaims, message, "claims")
     if claims.kid != footer.kid:
         raise AuthError(ErrorCode.TOKEN_MALFORMED, "claims and footer name different keys")
@@ -208,17 +209,25 @@ def _check_time(claims: CallClaims, ctx: CallContext, policy: TimePolicy) -> Non
         raise AuthError(ErrorCode.TOKEN_ISSUED_BEFORE_START, "token was issued before this verifier started")
 
 
+@functools.lru_cache(maxsize=1024)
+def _verify_key(public_key_b64: str) -> VerifyKey:
+    """Registered keys are few and reused on every call: decode each once."""
+    return VerifyKey(decode_public_key(public_key_b64))
+
+
 def _parse(model: type[_Parsed], data: bytes, what: str) -> _Parsed:
+    """Strict, one-pass parse; the slower look at why runs only for a refusal."""
+    try:
+        return model.model_validate_json(data)
+    except ValidationError:
+        pass
     try:
         obj = json.loads(data)
     except (ValueError, RecursionError):
         raise AuthError(ErrorCode.TOKEN_MALFORMED, f"token {what} is not JSON") from None
     if model is CallClaims and isinstance(obj, dict) and obj.get("v") != 1:
         raise AuthError(ErrorCode.TOKEN_UNSUPPORTED_VERSION, "unknown token claims version")
-    try:
-        return model.model_validate(obj)
-    except ValidationError:
-        raise AuthError(ErrorCode.TOKEN_MALFORMED, f"token {what} do not match the schema") from None
+    raise AuthError(ErrorCode.TOKEN_MALFORMED, f"token {what} do not match the schema")
 
 
 def verify_delegation(
@@ -240,7 +249,7 @@ def verify_delegation(
     if entry is None or not entry.identity_public_key:
         raise AuthError(ErrorCode.MODEL_NOT_REGISTERED, f"model {model_id!r} has no registered cruncher key")
     try:
-        message, _ = paseto.verify(VerifyKey(entry.identity_key_bytes), token, DELEGATION_ASSERTION)
+        message, _ = paseto.verify(_verify_key(entry.identity_public_key), token, DELEGATION_ASSERTION)
     except AuthError as exc:
         code = ErrorCode.DELEGATION_BAD_SIGNATURE if exc.code is ErrorCode.TOKEN_BAD_SIGNATURE else ErrorCode.DELEGATION_MALFORMED
         raise AuthError(code, f"runner delegation: {exc.message}") from None

@@ -55,16 +55,26 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         self._clock = clock
         self._started_at = int(clock())
         self._peers = PeerCertificates()
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # built once per method
 
     async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
         rpc = handler_call_details.method
-        if handler is None or rpc not in self._protected:
-            return handler
-        tokens = [v for k, v in handler_call_details.invocation_metadata or () if k == TOKEN_KEY]
+        if rpc not in self._protected:
+            return await continuation(handler_call_details)
+        wrapped = self._wrapped.get(rpc)
+        if wrapped is None:
+            handler = await continuation(handler_call_details)
+            if handler is None:
+                return None
+            wrapped = self._wrapped[rpc] = self._wrap(rpc, handler)
+        return wrapped
+
+    def _wrap(self, rpc: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The method's handler, taking raw bytes and authorizing them before anything else."""
         parse = _parser(handler.request_deserializer)
 
         async def authenticated(raw: bytes, context: grpc.aio.ServicerContext):
+            tokens = [v for k, v in context.invocation_metadata() or () if k == TOKEN_KEY]
             peer = self._peers.from_auth_context(context.auth_context())
             who = peer.spiffe_ids[0] if peer and len(peer.spiffe_ids) == 1 else ANONYMOUS
             try:
