@@ -109,7 +109,7 @@ def plain_runner_main(model_id: str, port_file: str) -> None:
         host = ModelHost(model_id, SUBMISSION, [BASE])
         await host.start()
         settings = RunnerSettings(
-            crunch_id=CRUNCH, models={model_id: SUBMISSION}, tls=tls.TlsFiles(Path(), Path(), Path()),
+            crunch_id=CRUNCH, node_id=model_id, models={model_id: SUBMISSION}, tls=tls.TlsFiles(Path(), Path(), Path()),
             registry=Path(), audit_log=Path(),
         )
         server = grpc.aio.server(options=tls.server_options())

@@ -48,18 +48,20 @@ def _runner(args: argparse.Namespace) -> int:
     if args.exit_with_parent:
         lifetime.die_with_parent(os.getppid(), signal.SIGTERM)
     models = dict(args.model)
+    node_id = args.node_id or (next(iter(models)) if len(models) == 1 else None)
+    if node_id is None:
+        raise SystemExit("secure-runner runner: a runner hosting several models needs --node-id")
     cert, key, ca, registry = args.cert, args.key, args.ca, args.registry
     if args.pki:  # fill what was not given from a `pki init` layout
         layout = pki.PkiLayout(args.pki)
         ca, registry = ca or layout.ca_cert, registry or layout.registry
-        if len(models) == 1:
-            (model_id,) = models
-            cert, key = cert or layout.runner_cert(model_id), key or layout.runner_key(model_id)
+        cert, key = cert or layout.runner_cert(node_id), key or layout.runner_key(node_id)
     missing = [flag for flag, value in (("--cert", cert), ("--key", key), ("--ca", ca), ("--registry", registry)) if not value]
     if missing:
         raise SystemExit(f"secure-runner runner: missing {', '.join(missing)}")
     settings = RunnerSettings(
         crunch_id=args.crunch,
+        node_id=node_id,
         models=models,
         tls=TlsFiles(Path(cert), Path(key), Path(ca)),
         registry=Path(registry),
@@ -130,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     runner = sub.add_parser("runner", help="serve submissions (each in its own worker subprocess)")
     runner.add_argument("--crunch", required=True)
     runner.add_argument("--model", type=_model_arg, action="append", required=True, metavar="ID=PATH")
+    runner.add_argument(
+        "--node-id", help="this runner's identity (its TLS certificate names it); default: its only model's id"
+    )
     runner.add_argument("--pki", type=Path, help="a `pki init` folder to take the files below from")
     runner.add_argument("--cert", type=Path)
     runner.add_argument("--key", type=Path)

@@ -27,7 +27,7 @@ from secure_runner.transport.audit_log import AuditLog
 from secure_runner.transport.registry_file import RegistryFile
 from secure_runner.transport.token_auth import TokenAuthInterceptor
 from secure_runner.transport.status import abort
-from secure_runner.v1 import runner_pb2, runner_pb2_grpc
+from secure_runner.v1 import runner_pb2, runner_pb2_grpc, values_pb2
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class RunnerSettings(BaseModel):
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
     crunch_id: str
+    node_id: str
     models: dict[str, Path]
     tls: tls.TlsFiles
     registry: Path
@@ -68,14 +69,23 @@ class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
         self._settings = settings
         self._audit = audit
 
-    async def _refuse(self, context, error: SecureRunnerError, rpc: str, request) -> None:
+    def _audit_refusal(self, context, error: SecureRunnerError, rpc: str, model_id: str, method: str) -> None:
         self._audit.record(
             decision="deny",
             code=error.code,
             who=_peer_id(context),
-            what={"rpc": rpc, "model": request.model_id[:64], "method": getattr(request, "method", "")[:64]},
+            what={"rpc": rpc, "model": model_id[:64], "method": method[:64]},
         )
+
+    async def _refuse(self, context, error: SecureRunnerError, rpc: str, request) -> None:
+        self._audit_refusal(context, error, rpc, request.model_id, getattr(request, "method", ""))
         await abort(context, error)
+
+    def _call_timeout(self, context) -> float:
+        remaining = context.time_remaining()
+        if remaining is None:
+            return self._settings.max_call_seconds
+        return min(self._settings.max_call_seconds, remaining - DEADLINE_MARGIN_SECONDS)
 
     async def _host(self, model_id: str, context, rpc: str, request) -> ModelHost:
         host = self._hosts.get(model_id)
@@ -90,16 +100,53 @@ class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
 
     async def Call(self, request, context):
         host = await self._host(request.model_id, context, "Call", request)
-        remaining = context.time_remaining()
-        timeout = self._settings.max_call_seconds
-        if remaining is not None:
-            timeout = min(timeout, remaining - DEADLINE_MARGIN_SECONDS)
         try:
-            response = await host.call(request, timeout)
+            response = await host.call(request, self._call_timeout(context))
         except SecureRunnerError as exc:
             await self._refuse(context, exc, "Call", request)
         log.debug("model %s %s -> %s", request.model_id, request.method, response.status)
         return response
+
+    async def FanOut(self, request, context):
+        """Call every requested model concurrently; yield each result as soon as it is ready.
+
+        A model this runner does not host, or a method its base class does not declare,
+        is a FAILURE result for that model (audited), never the end of the stream.
+        """
+        if request.node_id != self._settings.node_id:
+            error = RequestError(ErrorCode.MODEL_UNKNOWN, f"this runner is node {self._settings.node_id!r}")
+            self._audit_refusal(context, error, "FanOut", request.node_id, request.method)
+            await abort(context, error)
+        timeout = self._call_timeout(context)
+        per_model = {m.model_id: m for m in request.per_model}
+        tasks: dict[asyncio.Task, str] = {}
+        for model_id in dict.fromkeys(request.model_ids):
+            arguments = per_model.get(model_id, request)
+            call = runner_pb2.CallRequest(
+                model_id=model_id, method=request.method, arguments=arguments.arguments, kwargs=arguments.kwargs
+            )
+            tasks[asyncio.ensure_future(self._fan_out_one(call, timeout, context))] = model_id
+        pending = set(tasks)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    yield runner_pb2.FanOutResult(model_id=tasks[task], response=task.result())
+        finally:
+            for task in pending:  # the caller went away: its models' calls are cancelled too
+                task.cancel()
+
+    async def _fan_out_one(self, request, timeout: float, context) -> runner_pb2.CallResponse:
+        host = self._hosts.get(request.model_id)
+        try:
+            if host is None:
+                raise RequestError(ErrorCode.MODEL_UNKNOWN, f"this runner does not host {request.model_id[:64]!r}")
+            return await host.call(request, timeout)
+        except SecureRunnerError as exc:
+            self._audit_refusal(context, exc, "FanOut", request.model_id, request.method)
+            return runner_pb2.CallResponse(
+                status=runner_pb2.CALL_STATUS_FAILURE, error=values_pb2.ErrorDetail(code=exc.code, message=exc.message)
+            )
 
     async def Reset(self, request, context):
         host = await self._host(request.model_id, context, "Reset", request)
@@ -115,6 +162,7 @@ def _peer_id(context) -> str:
 class RunnerServer:
     def __init__(self, settings: RunnerSettings) -> None:
         validate_id(settings.crunch_id, "crunch id")
+        validate_id(settings.node_id, "node id")
         for model_id in settings.models:
             validate_id(model_id, "model id")
         self.settings = settings

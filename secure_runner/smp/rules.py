@@ -34,11 +34,12 @@ ReportFailure) goes through `authorize_call`:
          SHA-256 of the bytes after it equals `bh`.             TOKEN_BODY_MISMATCH
   SMP-12 SHA-256 of the peer's DER certificate equals `cnf`.    TOKEN_CERT_MISMATCH
   -- only now is the request parsed --                          MALFORMED_REQUEST
-  SMP-13 The parsed request's model id is the one in its
-         prefix and is in the audience; its model method is
-         the claimed one.                                       TOKEN_WRONG_AUDIENCE,
+  SMP-13 The parsed request's subject (field 1: its model, or
+         a fan-out's node) is the one in its prefix; every
+         model it reaches is in the audience; its model method
+         is the claimed one.                                    TOKEN_WRONG_AUDIENCE,
                                                                 TOKEN_WRONG_METHOD
-  SMP-14 The (nonce, model id) pair was never accepted before;
+  SMP-14 The (nonce, subject) pair was never accepted before;
          the bounded cache refuses new tokens when full.        TOKEN_REPLAYED,
                                                                 REPLAY_CACHE_FULL
 
@@ -101,7 +102,15 @@ _Parsed = TypeVar("_Parsed", Footer, CallClaims, DelegationClaims)
 
 
 class ModelRequest(Protocol):
-    model_id: str
+    """A model request (field 1 `model_id`) or a fan-out (field 1 `node_id`, plus `model_ids`)."""
+
+
+def subject_and_targets(request: ModelRequest) -> tuple[str, list[str]]:
+    """The id in the request's field 1, and the models the request reaches."""
+    model_ids = getattr(request, "model_ids", None)
+    if model_ids is not None:
+        return request.node_id, list(model_ids)
+    return request.model_id, [request.model_id]
 
 
 _Request = TypeVar("_Request", bound=ModelRequest)
@@ -156,13 +165,15 @@ def authorize_call(
     policy: TimePolicy = TimePolicy(),
 ) -> tuple[CallClaims, _Request]:
     """SMP-1 to SMP-14, in order. `parse` must raise RequestError(MALFORMED_REQUEST)."""
-    claims, prefix_model_id = verify_token(tokens, ctx, registry, policy)
+    claims, prefix_id = verify_token(tokens, ctx, registry, policy)
     request = parse(ctx.body)
-    if request.model_id != prefix_model_id or request.model_id not in claims.aud:
-        raise AuthError(ErrorCode.TOKEN_WRONG_AUDIENCE, f"token is not for model {request.model_id[:64]!r}")
+    subject, targets = subject_and_targets(request)
+    outside = [model_id for model_id in targets if model_id not in claims.aud]
+    if subject != prefix_id or outside or not targets:
+        raise AuthError(ErrorCode.TOKEN_WRONG_AUDIENCE, f"token is not for {(outside or [subject])[0][:64]!r}")
     if getattr(request, "method", "") != claims.method:
         raise AuthError(ErrorCode.TOKEN_WRONG_METHOD, f"token is for model method {claims.method!r}")
-    replay.insert(claims.nonce, request.model_id, claims.exp, ctx.now - policy.skew_seconds)
+    replay.insert(claims.nonce, subject, claims.exp, ctx.now - policy.skew_seconds)
     return claims, request
 
 

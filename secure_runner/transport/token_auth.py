@@ -72,39 +72,53 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(self, rpc: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """The method's handler, taking raw bytes and authorizing them before anything else."""
         parse = _parser(handler.request_deserializer)
+        serialize = handler.response_serializer
+
+        if handler.unary_stream is not None:  # a fan-out: results streamed back
+
+            async def authenticated_stream(raw: bytes, context: grpc.aio.ServicerContext):
+                request = await self._authorize(rpc, raw, context, parse)
+                async for result in handler.unary_stream(request, context):
+                    yield result
+
+            return grpc.unary_stream_rpc_method_handler(authenticated_stream, response_serializer=serialize)
 
         async def authenticated(raw: bytes, context: grpc.aio.ServicerContext):
-            tokens = [v for k, v in context.invocation_metadata() or () if k == TOKEN_KEY]
-            peer = self._peers.from_auth_context(context.auth_context())
-            who = peer.spiffe_ids[0] if peer and len(peer.spiffe_ids) == 1 else ANONYMOUS
-            try:
-                if peer is None:
-                    raise AuthError(ErrorCode.PEER_UNAUTHENTICATED, "no client certificate")
-                ctx = rules.CallContext(
-                    crunch_id=self._crunch_id,
-                    rpc=rpc,
-                    peer_spiffe_ids=peer.spiffe_ids,
-                    peer_cert_sha256=peer.sha256,
-                    body=raw,
-                    now=int(self._clock()),
-                    started_at=self._started_at,
-                )
-                claims, request = rules.authorize_call(tokens, ctx, self._registry(), self._replay, parse, self._policy)
-            except (AuthError, RequestError) as exc:
-                log.warning("refused %s from %s: %s", rpc, who, exc)
-                self._audit.record(decision="deny", code=exc.code, who=who, what={"rpc": rpc})
-                await abort(context, exc)
-            self._audit.record(
-                decision="allow",
-                code="OK",
-                who=who,
-                what={"rpc": rpc, "model": request.model_id, "method": claims.method, "nonce": claims.nonce},
-            )
-            return await handler.unary_unary(request, context)
+            return await handler.unary_unary(await self._authorize(rpc, raw, context, parse), context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            authenticated, request_deserializer=None, response_serializer=handler.response_serializer
+        return grpc.unary_unary_rpc_method_handler(authenticated, response_serializer=serialize)
+
+    async def _authorize(self, rpc: str, raw: bytes, context: grpc.aio.ServicerContext, parse):
+        """The parsed request if SMP-1..14 pass; otherwise audit, abort with the reason code."""
+        tokens = [v for k, v in context.invocation_metadata() or () if k == TOKEN_KEY]
+        peer = self._peers.from_auth_context(context.auth_context())
+        who = peer.spiffe_ids[0] if peer and len(peer.spiffe_ids) == 1 else ANONYMOUS
+        try:
+            if peer is None:
+                raise AuthError(ErrorCode.PEER_UNAUTHENTICATED, "no client certificate")
+            ctx = rules.CallContext(
+                crunch_id=self._crunch_id,
+                rpc=rpc,
+                peer_spiffe_ids=peer.spiffe_ids,
+                peer_cert_sha256=peer.sha256,
+                body=raw,
+                now=int(self._clock()),
+                started_at=self._started_at,
+            )
+            claims, request = rules.authorize_call(tokens, ctx, self._registry(), self._replay, parse, self._policy)
+        except (AuthError, RequestError) as exc:
+            log.warning("refused %s from %s: %s", rpc, who, exc)
+            self._audit.record(decision="deny", code=exc.code, who=who, what={"rpc": rpc})
+            await abort(context, exc)
+        subject, targets = rules.subject_and_targets(request)
+        self._audit.record(
+            decision="allow",
+            code="OK",
+            who=who,
+            what={"rpc": rpc, "subject": subject, "models": ",".join(targets)[:200], "method": claims.method,
+                  "nonce": claims.nonce},
         )
+        return request
 
 
 def _parser(deserializer: Callable[[bytes], object]) -> Callable[[bytes], object]:

@@ -67,6 +67,40 @@ class CallResponse(_message.Message):
     model_latency_us: int
     def __init__(self, status: _Optional[_Union[CallStatus, str]] = ..., error: _Optional[_Union[_values_pb2.ErrorDetail, _Mapping]] = ..., output: _Optional[_Union[_values_pb2.Variant, _Mapping]] = ..., model_latency_us: _Optional[int] = ...) -> None: ...
 
+class FanOutRequest(_message.Message):
+    __slots__ = ("node_id", "model_ids", "method", "arguments", "kwargs", "per_model")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_IDS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
+    KWARGS_FIELD_NUMBER: _ClassVar[int]
+    PER_MODEL_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    model_ids: _containers.RepeatedScalarFieldContainer[str]
+    method: str
+    arguments: _containers.RepeatedCompositeFieldContainer[_values_pb2.Argument]
+    kwargs: _containers.RepeatedCompositeFieldContainer[_values_pb2.KwArgument]
+    per_model: _containers.RepeatedCompositeFieldContainer[ModelArguments]
+    def __init__(self, node_id: _Optional[str] = ..., model_ids: _Optional[_Iterable[str]] = ..., method: _Optional[str] = ..., arguments: _Optional[_Iterable[_Union[_values_pb2.Argument, _Mapping]]] = ..., kwargs: _Optional[_Iterable[_Union[_values_pb2.KwArgument, _Mapping]]] = ..., per_model: _Optional[_Iterable[_Union[ModelArguments, _Mapping]]] = ...) -> None: ...
+
+class ModelArguments(_message.Message):
+    __slots__ = ("model_id", "arguments", "kwargs")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
+    KWARGS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    arguments: _containers.RepeatedCompositeFieldContainer[_values_pb2.Argument]
+    kwargs: _containers.RepeatedCompositeFieldContainer[_values_pb2.KwArgument]
+    def __init__(self, model_id: _Optional[str] = ..., arguments: _Optional[_Iterable[_Union[_values_pb2.Argument, _Mapping]]] = ..., kwargs: _Optional[_Iterable[_Union[_values_pb2.KwArgument, _Mapping]]] = ...) -> None: ...
+
+class FanOutResult(_message.Message):
+    __slots__ = ("model_id", "response")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    response: CallResponse
+    def __init__(self, model_id: _Optional[str] = ..., response: _Optional[_Union[CallResponse, _Mapping]] = ...) -> None: ...
+
 class ResetRequest(_message.Message):
     __slots__ = ("model_id",)
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]

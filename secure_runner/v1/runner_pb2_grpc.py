@@ -49,6 +49,11 @@ class ModelRunnerStub:
                 request_serializer=secure__runner_dot_v1_dot_runner__pb2.ResetRequest.SerializeToString,
                 response_deserializer=secure__runner_dot_v1_dot_runner__pb2.ResetResponse.FromString,
                 _registered_method=True)
+        self.FanOut = channel.unary_stream(
+                '/secure_runner.v1.ModelRunner/FanOut',
+                request_serializer=secure__runner_dot_v1_dot_runner__pb2.FanOutRequest.SerializeToString,
+                response_deserializer=secure__runner_dot_v1_dot_runner__pb2.FanOutResult.FromString,
+                _registered_method=True)
 
 
 class ModelRunnerServicer:
@@ -76,6 +81,15 @@ class ModelRunnerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FanOut(self, request, context):
+        """Call one method on several models this runner hosts (a model node): one
+        request, one token check, each model in its own worker under its own
+        deadline, each result streamed back as soon as it is ready.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelRunnerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +107,11 @@ def add_ModelRunnerServicer_to_server(servicer, server):
                     servicer.Reset,
                     request_deserializer=secure__runner_dot_v1_dot_runner__pb2.ResetRequest.FromString,
                     response_serializer=secure__runner_dot_v1_dot_runner__pb2.ResetResponse.SerializeToString,
+            ),
+            'FanOut': grpc.unary_stream_rpc_method_handler(
+                    servicer.FanOut,
+                    request_deserializer=secure__runner_dot_v1_dot_runner__pb2.FanOutRequest.FromString,
+                    response_serializer=secure__runner_dot_v1_dot_runner__pb2.FanOutResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +195,33 @@ class ModelRunner:
             '/secure_runner.v1.ModelRunner/Reset',
             secure__runner_dot_v1_dot_runner__pb2.ResetRequest.SerializeToString,
             secure__runner_dot_v1_dot_runner__pb2.ResetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FanOut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/secure_runner.v1.ModelRunner/FanOut',
+            secure__runner_dot_v1_dot_runner__pb2.FanOutRequest.SerializeToString,
+            secure__runner_dot_v1_dot_runner__pb2.FanOutResult.FromString,
             options,
             channel_credentials,
             insecure,
