@@ -19,6 +19,7 @@ _EXPORTS = {
     "CoordinatorSecurity": "secure_runner.client.security",
     "CallResult": "secure_runner.client.results",
     "CallStatus": "secure_runner.client.results",
+    "Fault": "secure_runner.client.results",
     "ModelIdentity": "secure_runner.client.results",
     "Argument": "secure_runner.v1.values_pb2",
     "KwArgument": "secure_runner.v1.values_pb2",
@@ -33,7 +34,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from secure_runner.client.concurrent_runner import DynamicSubclassModelConcurrentRunner
-    from secure_runner.client.results import CallResult, CallStatus, ModelIdentity
+    from secure_runner.client.results import CallResult, CallStatus, Fault, ModelIdentity
     from secure_runner.client.security import CoordinatorSecurity
     from secure_runner.codec import decode_data, encode_data
     from secure_runner.errors import ErrorCode, SecureRunnerError

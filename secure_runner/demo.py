@@ -26,6 +26,7 @@ from secure_runner.v1.values_pb2 import Argument, Variant, VariantType
 
 CRUNCH_ID = "demo-crunch"
 BASE_CLASS = "demo_game.tracker.TrackerBase"
+READY_WAIT_SECONDS = 5.0
 MODELS = [
     pki.ModelSpec("good-model", "Moving average", "alice", "Alice"),
     pki.ModelSpec("slow-model", "Sleepy", "bob", "Bob"),
@@ -107,9 +108,13 @@ async def run_demo(rounds: int = 3, examples: Path | None = None, timeout: float
             price = 100.0
             for round_no in range(1, rounds + 1):
                 prices = [price := round(price + rng.gauss(0, 1), 2) for _ in range(5)]
+                # A model whose worker was just restarted (after a timeout) would be skipped as
+                # COOLING_DOWN; the demo waits for it instead, so every call reaches every model.
+                await runner.ready(READY_WAIT_SECONDS)
                 tick = await runner.call("tick", _json_argument(prices))
                 print(format_table(f"round {round_no}: tick({prices})", tick))
                 horizon = [Argument(position=1, data=Variant(type=VariantType.INT, value=encode_data(VariantType.INT, 3)))]
+                await runner.ready(READY_WAIT_SECONDS)
                 print(format_table(f"round {round_no}: predict(3)", await runner.call("predict", horizon)))
                 print(f"still connected: {', '.join(sorted(m.model_id for m in runner.models))}\n")
         finally:

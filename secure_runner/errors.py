@@ -85,8 +85,11 @@ class ErrorCode(StrEnum):
     AUDIT_BROKEN_CHAIN = "AUDIT_BROKEN_CHAIN"
     AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"
 
-    # Seen by the client.
-    UNREACHABLE = "UNREACHABLE"
+    # Seen by the client (see secure_runner/client/results.py for which side each reason blames).
+    UNREACHABLE = "UNREACHABLE"  # the runner cannot be reached, or the model is still (re)connecting
+    COOLING_DOWN = "COOLING_DOWN"  # skipped: the model's worker is restarting after a fault
+    MODEL_UNAVAILABLE = "MODEL_UNAVAILABLE"  # a model id asked for that is not running now
+    MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"  # a request or answer over the gRPC message cap
     CALL_REFUSED = "CALL_REFUSED"
     INTERNAL = "INTERNAL"
 

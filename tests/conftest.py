@@ -6,6 +6,8 @@ their own workers, reached over mutual TLS on loopback with signed tokens.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -23,12 +25,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from secure_runner import codec, pki
-from secure_runner.client.security import load_signing_key
+from secure_runner.client.concurrent_runner import DynamicSubclassModelConcurrentRunner
+from secure_runner.client.security import CoordinatorSecurity, load_signing_key
+from secure_runner.orchestrator.local import LocalOrchestrator, LocalOrchestratorSettings
 from secure_runner.smp.identity import PeerIdentity, Role
 from secure_runner.smp.token import issue_call_token, model_id_field, split_model_id
 from secure_runner.transport import tls
 from secure_runner.transport.status import TOKEN_KEY, reason_of
-from secure_runner.v1 import runner_pb2
+from secure_runner.v1 import runner_pb2, values_pb2
 
 TESTS = Path(__file__).resolve().parent
 MODELS = TESTS / "models"
@@ -280,3 +284,74 @@ def forge_certificate(
 
 def forged_credentials(layout: pki.PkiLayout, cert_pem: bytes, key_pem: bytes) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(layout.ca_cert.read_bytes(), key_pem, cert_pem)
+
+
+CLIENT_DEFAULTS = {"timeout": 5.0, "crunch_id": CRUNCH, "host": "127.0.0.1", "base_classname": BASE_CLASS,
+                   "max_consecutive_failures": 3, "max_consecutive_timeouts": 3}
+
+
+def make_client(layout: pki.PkiLayout, port: int, **overrides) -> DynamicSubclassModelConcurrentRunner:
+    """The coordinator's client for the test game, with the layout's coordinator credentials."""
+    security = CoordinatorSecurity.from_pki_dir(layout.root)
+    return DynamicSubclassModelConcurrentRunner(**{**CLIENT_DEFAULTS, "port": port, "security": security, **overrides})
+
+
+def json_args(*values) -> list[values_pb2.Argument]:
+    """Positional JSON arguments, built the way coordinator code builds them."""
+    return [
+        values_pb2.Argument(
+            position=i,
+            data=values_pb2.Variant(type=values_pb2.VariantType.JSON, value=codec.encode_data(values_pb2.VariantType.JSON, value)),
+        )
+        for i, value in enumerate(values, start=1)
+    ]
+
+
+def fresh_pki(tmp_path: Path, *model_ids: str) -> pki.PkiLayout:
+    """A PKI of the test's own (the orchestrator issues runner certificates into it)."""
+    specs = [pki.ModelSpec(m, m.title(), f"cruncher-{i}", f"Cruncher {i}") for i, m in enumerate(model_ids)]
+    return pki.make_test_pki(tmp_path / "pki", CRUNCH, specs)
+
+
+@contextlib.asynccontextmanager
+async def orchestrating(layout: pki.PkiLayout, tmp_path: Path, models: dict[str, Path], **settings):
+    """An in-process LocalOrchestrator running one real runner process per entry of `models`."""
+    submissions = tmp_path / "submissions"
+    submissions.mkdir()
+    for model_id, path in models.items():
+        (submissions / model_id).symlink_to(path)
+    orchestrator = LocalOrchestrator(
+        LocalOrchestratorSettings(
+            crunch_id=CRUNCH, submissions=submissions, pki_dir=layout.root, base_paths=[BASE_PATH], **settings
+        )
+    )
+    await orchestrator.start()
+    try:
+        yield orchestrator
+    finally:
+        await orchestrator.stop()
+
+
+@contextlib.asynccontextmanager
+async def connected(layout: pki.PkiLayout, port: int, *, sync: bool = True, **overrides):
+    client = make_client(layout, port, **overrides)
+    await client.init()
+    task = asyncio.create_task(client.sync()) if sync else None
+    try:
+        yield client
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await client.close()
+
+
+async def eventually(condition, timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def by_id(results) -> dict:
+    return {model.model_id: result for model, result in results.items()}

@@ -10,15 +10,7 @@ import sys
 import grpc
 import pytest
 
-from secure_runner import (
-    CallStatus,
-    CoordinatorSecurity,
-    DynamicSubclassModelConcurrentRunner,
-    Argument,
-    Variant,
-    VariantType,
-    encode_data,
-)
+from secure_runner import CallStatus, Fault
 from secure_runner.errors import ErrorCode, RequestError
 from secure_runner.orchestrator.local import LocalOrchestrator, LocalOrchestratorSettings
 from secure_runner.smp.identity import PeerIdentity, Role
@@ -26,7 +18,7 @@ from secure_runner.transport import tls
 from secure_runner.transport.status import reason_of
 from secure_runner.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
-from conftest import BASE_CLASS, BASE_PATH, CRUNCH, MODELS
+from conftest import BASE_PATH, CRUNCH, MODELS, json_args, make_client
 
 
 @pytest.fixture(scope="module")
@@ -80,28 +72,6 @@ async def _stopped_by_report(orchestrator, model_id: str) -> bool:
     return False
 
 
-def make_client(layout, port, **overrides) -> DynamicSubclassModelConcurrentRunner:
-    settings = dict(
-        timeout=5.0,
-        crunch_id=CRUNCH,
-        host="127.0.0.1",
-        port=port,
-        base_classname=BASE_CLASS,
-        max_consecutive_failures=3,
-        max_consecutive_timeouts=3,
-        security=CoordinatorSecurity.from_pki_dir(layout.root),
-    )
-    settings.update(overrides)
-    return DynamicSubclassModelConcurrentRunner(**settings)
-
-
-def json_args(*values) -> list[Argument]:
-    return [
-        Argument(position=i, data=Variant(type=VariantType.JSON, value=encode_data(VariantType.JSON, value)))
-        for i, value in enumerate(values, start=1)
-    ]
-
-
 @pytest.fixture
 async def client(layout, orchestrator):
     runner = make_client(layout, orchestrator)
@@ -133,6 +103,11 @@ async def test_subset_of_models(client):
     results = await client.call("echo", json_args(1), models=["async-model"])
     assert [m.model_id for m in results] == ["async-model"]
     assert await client.call("echo", json_args(1), models=[]) == {}
+    # An id that is not running still gets its one result, blaming no model.
+    results = {m.model_id: r for m, r in (await client.call("echo", json_args(1), models=["counter", "nobody"])).items()}
+    assert results["counter"].status is CallStatus.SUCCESS
+    assert (results["nobody"].status, results["nobody"].reason) == (CallStatus.FAILURE, ErrorCode.MODEL_UNAVAILABLE)
+    assert results["nobody"].fault is Fault.INFRASTRUCTURE
 
 
 async def test_undeclared_method_is_the_coordinators_error(client):
@@ -149,6 +124,7 @@ async def test_timeouts_disconnect_a_model_after_the_limit(layout, own_orchestra
     runner = make_client(layout, own_orchestrator.port, timeout=0.5, max_consecutive_timeouts=2)
     await runner.init()
     for attempt in (1, 2):
+        assert await runner.ready(10)  # the worker restarted after the first timeout
         results = await runner.call("hang", json_args(3600), models=["counter"])
         (result,) = results.values()
         assert result.status is CallStatus.TIMEOUT
@@ -165,6 +141,10 @@ async def test_one_timeout_then_success_keeps_the_model(layout, orchestrator):
     for _ in range(3):
         (timed_out,) = (await runner.call("hang", json_args(3600), models=["async-model"])).values()
         assert timed_out.status is CallStatus.TIMEOUT
+        # Its worker is being replaced: skipped, not counted.
+        (skipped,) = (await runner.call("echo", json_args(1), models=["async-model"])).values()
+        assert (skipped.status, skipped.reason, skipped.latency_us) == (CallStatus.FAILURE, ErrorCode.COOLING_DOWN, 0)
+        assert await runner.ready(10)
         runner.timeout = 10
         (ok,) = (await runner.call("echo", json_args(1), models=["async-model"])).values()
         assert ok.status is CallStatus.SUCCESS
@@ -184,6 +164,10 @@ async def test_failures_disconnect_a_model_after_the_limit(layout, own_orchestra
     assert "counter" not in {m.model_id for m in runner.models}
     assert await _stopped_by_report(own_orchestrator, "counter")
     assert own_orchestrator.board.get("async-model").state == orchestrator_pb2.MODEL_STATE_RUNNING
+    # Stopped on purpose: the orchestrator does not restart it.
+    await asyncio.sleep(1.0)
+    assert own_orchestrator.board.get("counter").state == orchestrator_pb2.MODEL_STATE_STOPPED
+    assert own_orchestrator.runner_process("counter").returncode is not None
     await runner.close()
 
 
@@ -226,7 +210,7 @@ async def test_coordinator_of_another_ca_cannot_connect(layout, other_layout, or
 
 
 async def test_sync_applies_live_membership_changes(layout, own_orchestrator):
-    """A runner that dies leaves the client's model list; the others keep answering."""
+    """A runner that dies leaves the client's model list, the others keep answering, and its restart joins."""
     orchestrator = own_orchestrator
     port = orchestrator.port
     runner = make_client(layout, port)
@@ -234,14 +218,24 @@ async def test_sync_applies_live_membership_changes(layout, own_orchestrator):
     sync = asyncio.create_task(runner.sync())
     try:
         assert {m.model_id for m in runner.models} == {"counter", "async-model"}
+        before = {m.model_id: m.deployment_id for m in runner.models}
         orchestrator.runner_process("counter").kill()
         for _ in range(500):
             if {m.model_id for m in runner.models} == {"async-model"}:
                 break
             await asyncio.sleep(0.01)
         assert {m.model_id for m in runner.models} == {"async-model"}
+        assert orchestrator.board.get("counter").state == orchestrator_pb2.MODEL_STATE_RECOVERING
         results = await runner.call("echo", json_args(7))
         assert [(m.model_id, r.status) for m, r in results.items()] == [("async-model", CallStatus.SUCCESS)]
+        # The orchestrator restarts it as a new deployment, and the client connects to that.
+        for _ in range(1000):
+            if {m.model_id for m in runner.models} == {"counter", "async-model"} and await runner.ready(0):
+                break
+            await asyncio.sleep(0.01)
+        results = {m.model_id: (m.deployment_id, r.status) for m, r in (await runner.call("echo", json_args(8))).items()}
+        assert results["async-model"] == (before["async-model"], CallStatus.SUCCESS)
+        assert results["counter"][1] is CallStatus.SUCCESS and results["counter"][0] != before["counter"]
     finally:
         sync.cancel()
         await asyncio.gather(sync, return_exceptions=True)

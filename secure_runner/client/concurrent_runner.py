@@ -5,6 +5,19 @@
 coordinator code runs unchanged apart from `security=`. The model list comes
 from the orchestrator over mutual TLS (the orchestrator's identity is pinned);
 each model is then reached directly, its runner's identity pinned too.
+
+Reliability rules (DESIGN.md section 1):
+- every targeted model gets exactly one result per call (results.py says which
+  reasons blame the model and which the infrastructure); coordinator mistakes
+  raise `RequestError` before anything is sent and blame no model;
+- nothing waits on a slow or dead model: connecting and reconnecting run in the
+  background, a model that is not ready is answered at once, `init()` returns
+  within `connect_timeout`;
+- the model list is applied live: joins, leaves, restarts and new deployments;
+  news of a deployment that was already replaced or stopped is ignored; a lost
+  orchestrator is reconnected with backoff while the known models keep serving;
+- a model over its limits is dropped and reported to the orchestrator, and the
+  report is retried until it is delivered.
 """
 
 from __future__ import annotations
@@ -12,14 +25,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from secure_runner.client.remote_model import CALL_RPC, ModelState, RemoteModel
-from secure_runner.client.results import CallResult, ModelIdentity
+from secure_runner import codec
+from secure_runner.client.remote_model import CALL_RPC, ModelState, RemoteModel, channel_options
+from secure_runner.client.results import CallResult, CallStatus, ModelIdentity
 from secure_runner.client.security import CallSigner, CoordinatorSecurity
-from secure_runner.errors import ConfigError, ErrorCode, RequestError
+from secure_runner.errors import CodecError, ConfigError, ErrorCode, RequestError
 from secure_runner.smp.identity import PeerIdentity, Role, validate_id
 from secure_runner.smp.token import MAX_AUDIENCE, model_id_field
 from secure_runner.transport import tls
@@ -31,9 +47,38 @@ log = logging.getLogger(__name__)
 
 ORCHESTRATOR_ID = "orchestrator"
 REPORT_RPC = "/secure_runner.v1.Orchestrator/ReportFailure"
-RESYNC_BACKOFF_SECONDS = (0.5, 1, 2, 5, 10)
-REPORT_ATTEMPTS = 20
+# Delays before reopening the model-list stream and before resending a failure report (the last repeats).
+RESYNC_BACKOFF_SECONDS = (0.25, 0.5, 1.0, 2.0, 5.0)
+REPORT_TIMEOUT_SECONDS = 5.0
 CLOSE_GRACE_SECONDS = 5.0
+READY_POLL_SECONDS = 0.01
+IDENTITY_THREADS = 32  # identity checks block a thread each (TLS handshake), up to their own timeout
+RETIRED_PER_MODEL = 16  # deployments remembered per model id, to recognize stale news about them
+# Room left in a request for the model id field and protobuf framing.
+MAX_SHARED_REQUEST_BYTES = tls.MAX_MESSAGE_BYTES - 1024
+
+Arguments = Sequence[values_pb2.Argument] | Callable[[ModelIdentity], Sequence[values_pb2.Argument]] | None
+KwArguments = Sequence[values_pb2.KwArgument] | Callable[[ModelIdentity], Sequence[values_pb2.KwArgument]] | None
+
+
+def encode_call(method: str, arguments, kwargs) -> bytes:
+    """The shared bytes of a call request, checked as a runner will check them: the coordinator's errors raise here."""
+    try:
+        request = runner_pb2.CallRequest(method=method, arguments=arguments or (), kwargs=kwargs or ())
+    except (TypeError, ValueError) as exc:
+        raise RequestError(
+            ErrorCode.INVALID_ARGUMENTS, f"arguments must be Argument and KwArgument messages: {exc}"
+        ) from None
+    try:
+        codec.decode_arguments(request.arguments, request.kwargs)
+    except CodecError as exc:
+        raise RequestError(exc.code, exc.message) from None
+    shared = request.SerializeToString()
+    if len(shared) > MAX_SHARED_REQUEST_BYTES:
+        raise RequestError(
+            ErrorCode.MESSAGE_TOO_LARGE, f"request of {len(shared)} bytes is over the {tls.MAX_MESSAGE_BYTES} byte cap"
+        )
+    return shared
 
 
 class DynamicSubclassModelConcurrentRunner:
@@ -66,12 +111,17 @@ class DynamicSubclassModelConcurrentRunner:
         self._signer = CallSigner(security, crunch_id)
         self._registry = RegistryFile(security.registry)
         self._address = f"{host}:{port}"
-        self._models: dict[str, RemoteModel] = {}
-        self._dropped: set[tuple[str, str]] = set()  # (model id, deployment id) disconnected by the limits
-        self._setups: dict[str, asyncio.Task] = {}
+        self._models: dict[str, RemoteModel] = {}  # connected (or connecting) models, by id
+        self._listed: dict[str, ModelIdentity] = {}  # the last identity the orchestrator gave each model id
+        self._retired: dict[str, deque[str]] = {}  # deployments replaced or stopped: news of them is stale
+        self._disconnected: dict[str, str] = {}  # model id -> why the limits dropped its last deployment
+        self._declared: frozenset[str] | None = None  # the base class's methods, as runners reported them
+        self._reports: dict[tuple[str, str], asyncio.Task] = {}
         self._closing: set[asyncio.Task] = set()
+        self._identity_executor = ThreadPoolExecutor(IDENTITY_THREADS, thread_name_prefix="sr-identity")
         self._channel: grpc.aio.Channel | None = None
         self._stream = None
+        self._updates = 0
 
     # -- model list -------------------------------------------------------------------
 
@@ -79,7 +129,7 @@ class DynamicSubclassModelConcurrentRunner:
         if self._channel is None:
             server_name = PeerIdentity.make(self.crunch_id, Role.ORCHESTRATOR, ORCHESTRATOR_ID).tls_server_name
             self._channel = grpc.aio.secure_channel(
-                self._address, tls.channel_credentials(self._security.tls), options=tls.channel_options(server_name)
+                self._address, tls.channel_credentials(self._security.tls), options=channel_options(server_name)
             )
         return self._channel
 
@@ -88,23 +138,52 @@ class DynamicSubclassModelConcurrentRunner:
         return stub.WatchModels(orchestrator_pb2.WatchModelsRequest(crunch_id=self.crunch_id), wait_for_ready=True)
 
     async def init(self) -> None:
-        """Fetch the model list and set up every model, waiting at most `connect_timeout`.
+        """Fetch the model list and connect to every model, returning within `connect_timeout`.
 
-        Models that are not ready by then keep connecting in the background.
+        Raises RequestError(UNREACHABLE) if the orchestrator sends no model list in
+        time. Returns once every model has had its first connection attempt, or at
+        the deadline; models not ready by then keep connecting in the background
+        and join when they come up.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._connect_timeout
         self._stream = self._open_stream()
-        snapshot = await asyncio.wait_for(self._stream.read(), self._connect_timeout)
+        try:
+            snapshot = await asyncio.wait_for(self._stream.read(), self._connect_timeout)
+        except (TimeoutError, grpc.aio.AioRpcError) as exc:
+            self._stream.cancel()
+            self._stream = None
+            why = "timed out" if isinstance(exc, TimeoutError) else exc.code().name
+            raise RequestError(
+                ErrorCode.UNREACHABLE, f"no model list from the orchestrator at {self._address} ({why})"
+            ) from None
         if snapshot is grpc.aio.EOF:
+            self._stream = None
             raise RequestError(ErrorCode.UNREACHABLE, "orchestrator closed the model list stream")
         self._apply(snapshot)
-        pending = [t for t in self._setups.values() if not t.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=max(deadline - loop.time(), 0))
+        while loop.time() < deadline and any(m.attempts == 0 for m in self._models.values()):
+            await asyncio.sleep(READY_POLL_SECONDS)
+
+    async def ready(self, timeout: float, models: Iterable[str] | None = None) -> bool:
+        """Wait at most `timeout` s until no targeted model is connecting, reconnecting or cooling down.
+
+        True when every targeted model is settled (ready, or failed its setup for good).
+        Calls never need this (they skip models that are not ready); it is for a
+        coordinator that would rather wait a little than get a skipped result.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        wanted = None if models is None else set(_ids(models))
+        while True:
+            settled = all(
+                m.state.settled for m in self._models.values() if wanted is None or m.model_id in wanted
+            )
+            if settled or loop.time() >= deadline:
+                return settled
+            await asyncio.sleep(READY_POLL_SECONDS)
 
     async def sync(self) -> None:
-        """Apply every model-list update, reconnecting to the orchestrator when needed. Runs forever."""
+        """Apply every model-list update, reconnecting to the orchestrator with backoff. Runs forever."""
         failures = 0
         while True:
             try:
@@ -120,35 +199,52 @@ class DynamicSubclassModelConcurrentRunner:
                 lost = exc.code().name
             delay = RESYNC_BACKOFF_SECONDS[min(failures, len(RESYNC_BACKOFF_SECONDS) - 1)]
             failures += 1
-            log.warning("model list stream lost (%s); retrying in %.1f s", lost, delay)
+            log.warning("model list stream lost (%s); keeping %d known models, retrying in %.2f s",
+                        lost, len(self._models), delay)
+            self._stream.cancel()
             self._stream = None
             await asyncio.sleep(delay)
 
-    def _apply(self, snapshot: orchestrator_pb2.ModelList) -> None:
-        running = {
-            info.model_id: info for info in snapshot.models if info.state == orchestrator_pb2.MODEL_STATE_RUNNING
-        }
-        for model_id in list(self._models):
-            model = self._models[model_id]
-            info = running.get(model_id)
-            if info is None or info.deployment_id != model.identity.deployment_id or info.address != model.address:
-                self._forget(model_id)
-        for model_id, info in running.items():
-            if model_id not in self._models and (model_id, info.deployment_id) not in self._dropped:
-                self._connect(info)
+    def _is_stale(self, info: orchestrator_pb2.ModelInfo) -> bool:
+        return info.deployment_id in self._retired.get(info.model_id, ())
 
-    def _connect(self, info: orchestrator_pb2.ModelInfo) -> None:
-        try:
-            identity = ModelIdentity(
-                validate_id(info.model_id, "model id"),
-                info.model_name,
-                info.cruncher_id,
-                info.cruncher_name,
-                info.deployment_id,
-            )
-        except ConfigError as exc:
-            log.warning("ignoring model with invalid id: %s", exc)
-            return
+    def _retire(self, model_id: str, deployment_id: str) -> None:
+        self._retired.setdefault(model_id, deque(maxlen=RETIRED_PER_MODEL)).append(deployment_id)
+
+    def _apply(self, snapshot: orchestrator_pb2.ModelList) -> None:
+        """Make the connected models match a snapshot; never waits (connecting runs in the background)."""
+        self._updates += 1
+        current: dict[str, orchestrator_pb2.ModelInfo] = {}
+        stale: set[str] = set()
+        for info in snapshot.models:
+            if self._is_stale(info):
+                stale.add(info.model_id)
+                log.info("ignoring stale news of model %s deployment %s", info.model_id, info.deployment_id)
+            else:
+                current[info.model_id] = info
+        for model_id, model in list(self._models.items()):
+            info = current.get(model_id)
+            if info is None and model_id in stale:
+                continue  # only news of an older deployment: ours stands
+            if (
+                info is not None
+                and info.deployment_id == model.identity.deployment_id
+                and info.address == model.address
+                and info.state == orchestrator_pb2.MODEL_STATE_RUNNING
+            ):
+                continue
+            # Gone, stopped or replaced: that deployment is over. Starting or recovering: it may come back.
+            over = info is None or info.deployment_id != model.identity.deployment_id
+            self._forget(model_id, retire=over or info.state == orchestrator_pb2.MODEL_STATE_STOPPED)
+        for model_id, info in current.items():
+            identity = _identity(info)
+            if identity is None:
+                continue
+            self._listed[model_id] = identity
+            if info.state == orchestrator_pb2.MODEL_STATE_RUNNING and model_id not in self._models:
+                self._connect(identity, info)
+
+    def _connect(self, identity: ModelIdentity, info: orchestrator_pb2.ModelInfo) -> None:
         model = RemoteModel(
             identity,
             info.address,
@@ -157,18 +253,16 @@ class DynamicSubclassModelConcurrentRunner:
             self._security,
             self._signer,
             self._registry.current,
+            self._identity_executor,
         )
-        self._models[info.model_id] = model
-        self._setups[info.model_id] = asyncio.create_task(
-            model.setup(self.base_classname, self._instance_args, self._instance_kwargs, self._setup_timeout)
-        )
+        self._models[identity.model_id] = model
+        self._disconnected.pop(identity.model_id, None)
+        model.connect(self.base_classname, self._instance_args, self._instance_kwargs, self._setup_timeout)
 
-    def _forget(self, model_id: str) -> RemoteModel:
+    def _forget(self, model_id: str, *, retire: bool) -> RemoteModel:
         model = self._models.pop(model_id)
-        task = self._setups.pop(model_id, None)
-        if task is not None:
-            task.cancel()
-        model.state = ModelState.DISCONNECTED
+        if retire:
+            self._retire(model_id, model.identity.deployment_id)
         self._background(model.close())
         return model
 
@@ -177,93 +271,208 @@ class DynamicSubclassModelConcurrentRunner:
         """The models a call would target right now."""
         return [m.identity for m in self._models.values()]
 
+    @property
+    def model_list_updates(self) -> int:
+        """How many model-list snapshots have been applied (from any orchestrator connection)."""
+        return self._updates
+
+    @property
+    def states(self) -> dict[str, ModelState]:
+        """Each targeted model's connection state (READY, CONNECTING, COOLING_DOWN, ...)."""
+        return {model_id: model.state for model_id, model in self._models.items()}
+
     # -- calls ------------------------------------------------------------------------
 
     async def call(
         self,
         method: str,
-        arguments: Sequence[values_pb2.Argument] | None = None,
-        kwargs: Sequence[values_pb2.KwArgument] | None = None,
+        arguments: Arguments = None,
+        kwargs: KwArguments = None,
         models: Iterable[str] | None = None,
     ) -> dict[ModelIdentity, CallResult]:
-        """Call `method` on every model (or the ids in `models`); one result per model."""
-        wanted = None if models is None else set(models)
-        targets = [m for m in self._models.values() if wanted is None or m.model_id in wanted]
-        ready = [m for m in targets if m.state is ModelState.READY]
-        if ready and all(method not in m.methods for m in ready):
-            raise RequestError(
-                ErrorCode.METHOD_NOT_ALLOWED, f"{method!r} is not a method of {self.base_classname}"
-            )
-        shared = runner_pb2.CallRequest(method=method, arguments=arguments or (), kwargs=kwargs or ())
-        shared_bytes = shared.SerializeToString()
-        # One signature per MAX_AUDIENCE models, not one per model.
-        tokens: dict[str, bytes] = {}
-        for start in range(0, len(ready), MAX_AUDIENCE):
-            chunk = [m.model_id for m in ready[start : start + MAX_AUDIENCE]]
-            token = self._signer.sign(audience=chunk, rpc=CALL_RPC, method=method, shared_body=shared_bytes)
-            tokens.update(dict.fromkeys(chunk, token))
-        results = await asyncio.gather(
-            *(m.call(shared_bytes, tokens.get(m.model_id, b""), self.timeout) for m in targets)
-        )
-        for model, result in zip(targets, results, strict=True):
-            model.record(result)
+        """Call `method` on every model, or on the ids in `models`; exactly one result per targeted model.
+
+        `arguments` and `kwargs` are the call's Argument / KwArgument messages, or a
+        callable that returns them for a given ModelIdentity (per-model arguments).
+        An id in `models` that is not running gets a MODEL_UNAVAILABLE result; an
+        empty `models` targets nothing. Raises RequestError at once, sending nothing
+        and blaming no model, for a method the base class does not declare or
+        arguments that cannot be encoded.
+        """
+        targets, unavailable = self._targets(models)
+        self._check_method(method)
+        requests = self._requests(method, arguments, kwargs, targets)
+        results: dict[RemoteModel, CallResult] = {}
+        for model in targets:
+            if (skipped := model.skipped()) is not None:
+                model.record(skipped, sent=False)
+                results[model] = skipped
+        ready = [model for model in targets if model not in results]
+        tokens = self._sign(method, ready, requests)
+        # Every request is ready before the first is sent, so no call's latency includes preparing another.
+        flights = [model.send(requests[model], tokens[model], self.timeout) for model in ready]
+        outcomes = await asyncio.gather(*(flight.outcome() for flight in flights))
+        for model, flight, outcome in zip(ready, flights, outcomes, strict=True):
+            results[model] = model.result_of(flight, outcome)  # outputs decoded only now
+            model.record(results[model], sent=True)
+        for model in targets:
             self._enforce_limits(model)
-        return {result.model: result for result in results}
+        answer = {results[model].model: results[model] for model in targets}
+        answer.update((result.model, result) for result in unavailable)
+        return answer
+
+    def _targets(self, models: Iterable[str] | None) -> tuple[list[RemoteModel], list[CallResult]]:
+        if models is None:
+            return list(self._models.values()), []
+        wanted = list(dict.fromkeys(_ids(models)))
+        targets = [self._models[model_id] for model_id in wanted if model_id in self._models]
+        return targets, [self._unavailable(model_id) for model_id in wanted if model_id not in self._models]
+
+    def _unavailable(self, model_id: str) -> CallResult:
+        identity = self._listed.get(model_id) or ModelIdentity(model_id, "", "", "", "")
+        why = self._disconnected.get(model_id) or (
+            "not running now" if model_id in self._listed else "not in the orchestrator's model list"
+        )
+        return CallResult(identity, CallStatus.FAILURE, reason=ErrorCode.MODEL_UNAVAILABLE, message=why)
+
+    def _check_method(self, method: str) -> None:
+        if not isinstance(method, str) or not method:
+            raise RequestError(ErrorCode.METHOD_NOT_ALLOWED, f"method must be a non-empty name, got {method!r}")
+        for model in self._models.values():
+            if model.methods:
+                self._declared = model.methods
+                break
+        if self._declared is not None and method not in self._declared:
+            raise RequestError(ErrorCode.METHOD_NOT_ALLOWED, f"{method!r} is not a method of {self.base_classname}")
+
+    def _requests(
+        self, method: str, arguments: Arguments, kwargs: KwArguments, targets: list[RemoteModel]
+    ) -> dict[RemoteModel, bytes]:
+        """Each target's shared request bytes: encoded once, or once per model for per-model arguments."""
+        if not callable(arguments) and not callable(kwargs):
+            return dict.fromkeys(targets, encode_call(method, arguments, kwargs))
+        requests = {}
+        for model in targets:
+            try:
+                args = arguments(model.identity) if callable(arguments) else arguments
+                kw = kwargs(model.identity) if callable(kwargs) else kwargs
+            except Exception as exc:
+                raise RequestError(
+                    ErrorCode.INVALID_ARGUMENTS, f"the arguments callable failed for model {model.model_id}: {exc!r}"
+                ) from exc
+            try:
+                requests[model] = encode_call(method, args, kw)
+            except RequestError as exc:
+                raise RequestError(exc.code, f"arguments for model {model.model_id}: {exc.message}") from None
+        return requests
+
+    def _sign(self, method: str, models: list[RemoteModel], requests: dict[RemoteModel, bytes]) -> dict:
+        """One token per distinct request body and MAX_AUDIENCE models, not one per model."""
+        groups: dict[bytes, list[RemoteModel]] = {}
+        for model in models:
+            groups.setdefault(requests[model], []).append(model)
+        tokens: dict[RemoteModel, bytes] = {}
+        for shared, group in groups.items():
+            for start in range(0, len(group), MAX_AUDIENCE):
+                chunk = group[start : start + MAX_AUDIENCE]
+                token = self._signer.sign(
+                    audience=[m.model_id for m in chunk], rpc=CALL_RPC, method=method, shared_body=shared
+                )
+                tokens.update(dict.fromkeys(chunk, token))
+        return tokens
 
     def _enforce_limits(self, model: RemoteModel) -> None:
-        if (
-            model.consecutive_failures >= self.max_consecutive_failures
-            or model.consecutive_timeouts >= self.max_consecutive_timeouts
-        ):
-            log.warning(
-                "disconnecting model %s: %d consecutive failures, %d consecutive timeouts",
-                model.model_id,
-                model.consecutive_failures,
-                model.consecutive_timeouts,
-            )
-            self._dropped.add((model.model_id, model.identity.deployment_id))
-            self._forget(model.model_id)
-            self._background(self._report_failure(model))
+        if self._models.get(model.model_id) is not model:
+            return  # already replaced or forgotten by a model-list update during the call
+        if model.consecutive_timeouts >= self.max_consecutive_timeouts:
+            why = f"{model.consecutive_timeouts} consecutive timeouts"
+        elif model.consecutive_failures >= self.max_consecutive_failures:
+            why = f"{model.consecutive_failures} consecutive failures"
+        else:
+            return
+        log.warning("disconnecting model %s (%s): %s", model.model_id, model.identity.deployment_id, why)
+        self._forget(model.model_id, retire=True)
+        self._disconnected[model.model_id] = f"disconnected after {why}"
+        self._report_failure(model)
 
-    def _background(self, coro) -> None:
+    def _background(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+        return task
 
-    async def _report_failure(self, model: RemoteModel) -> None:
+    def _report_failure(self, model: RemoteModel) -> None:
+        key = (model.model_id, model.identity.deployment_id)
+        if key not in self._reports:
+            self._reports[key] = self._background(self._deliver_report(model))
+            self._reports[key].add_done_callback(lambda _task: self._reports.pop(key, None))
+
+    @property
+    def pending_reports(self) -> list[tuple[str, str]]:
+        """(model id, deployment id) of failure reports not delivered yet."""
+        return list(self._reports)
+
+    async def _deliver_report(self, model: RemoteModel) -> None:
         """Tell the orchestrator to stop the model; retried with backoff until it answers."""
+        timeouts = model.consecutive_timeouts >= self.max_consecutive_timeouts
+        last = model.last_fault
         shared = orchestrator_pb2.FailureReport(
             deployment_id=model.identity.deployment_id,
-            reason="MAX_CONSECUTIVE_TIMEOUTS" if model.consecutive_timeouts >= self.max_consecutive_timeouts
-            else "MAX_CONSECUTIVE_FAILURES",
+            reason="MAX_CONSECUTIVE_TIMEOUTS" if timeouts else "MAX_CONSECUTIVE_FAILURES",
+            message=f"{last.reason}: {last.message}"[:1000] if last else "",
             consecutive_failures=model.consecutive_failures,
             consecutive_timeouts=model.consecutive_timeouts,
         ).SerializeToString()
         report = self._orchestrator_channel().unary_unary(
             REPORT_RPC, response_deserializer=orchestrator_pb2.FailureReportAck.FromString
         )
-        for attempt in range(REPORT_ATTEMPTS):
+        attempt = 0
+        while True:
             token = self._signer.sign(audience=[model.model_id], rpc=REPORT_RPC, method="", shared_body=shared)
             try:
-                ack = await report(model_id_field(model.model_id) + shared, metadata=((TOKEN_KEY, token),), timeout=5)
+                ack = await report(
+                    model_id_field(model.model_id) + shared,
+                    metadata=((TOKEN_KEY, token),),
+                    timeout=REPORT_TIMEOUT_SECONDS,
+                    wait_for_ready=True,
+                )
             except grpc.aio.AioRpcError as exc:
                 delay = RESYNC_BACKOFF_SECONDS[min(attempt, len(RESYNC_BACKOFF_SECONDS) - 1)]
-                log.warning("failure report for %s not delivered (%s); retrying in %.1f s", model.model_id, exc.code().name, delay)
+                attempt += 1
+                log.warning("failure report for %s not delivered (%s); retrying in %.2f s",
+                            model.model_id, exc.code().name, delay)
                 await asyncio.sleep(delay)
                 continue
             log.info("failure report for %s delivered; stopped=%s", model.model_id, ack.stopped)
             return
-        log.error("failure report for %s abandoned after %d attempts", model.model_id, REPORT_ATTEMPTS)
 
     async def close(self) -> None:
         for model_id in list(self._models):
-            self._forget(model_id)
+            self._forget(model_id, retire=False)
         if self._closing:  # channel closes and failure reports still being delivered
             _, pending = await asyncio.wait(set(self._closing), timeout=CLOSE_GRACE_SECONDS)
             for task in pending:
                 task.cancel()
+            if self._reports:
+                log.error("closing with undelivered failure reports: %s", sorted(self._reports))
         if self._stream is not None:
             self._stream.cancel()
         if self._channel is not None:
             with contextlib.suppress(Exception):
                 await self._channel.close()
+        self._identity_executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _ids(models: Iterable[str]) -> Iterable[str]:
+    if isinstance(models, str | bytes):
+        raise RequestError(ErrorCode.INVALID_ARGUMENTS, "models= takes a collection of model ids, not one id")
+    return models
+
+
+def _identity(info: orchestrator_pb2.ModelInfo) -> ModelIdentity | None:
+    try:
+        model_id = validate_id(info.model_id, "model id")
+    except ConfigError as exc:
+        log.warning("ignoring model with invalid id: %s", exc)
+        return None
+    return ModelIdentity(model_id, info.model_name, info.cruncher_id, info.cruncher_name, info.deployment_id)

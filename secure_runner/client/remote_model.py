@@ -1,4 +1,4 @@
-"""One remote model as the coordinator sees it: a channel, its setup, its counters.
+"""One remote model as the coordinator sees it: a channel, its connection, its counters.
 
 Before any request leaves, the runner's identity is checked twice: the TLS
 server name is pinned to `<model-id>.runner.<crunch>.invalid` (a certificate
@@ -7,6 +7,13 @@ delegation must bind the TLS key the runner presents (SMP-30..35, checked
 against the coordinator's registry). A runner that fails either is reported as
 an auth failure for that model only. Requests are serialized here and signed
 over their exact bytes; gRPC sends those bytes unchanged.
+
+Connecting (identity check, then Setup) runs in the background and is retried
+with backoff while the runner cannot be reached, so a call never waits for a
+slow or dead model: a model that is not ready is answered at once without
+sending anything. After an outcome that makes the runner replace the model's
+worker (a timeout, a crash, a limit), the model cools down: calls skip it until
+its runner's health service says it serves again.
 """
 
 from __future__ import annotations
@@ -15,14 +22,23 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from enum import StrEnum
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from secure_runner import codec
-from secure_runner.client.results import CallResult, CallStatus, ModelIdentity
+from secure_runner.client.results import (
+    MODEL_FAULTS,
+    RESTARTING_FAULTS,
+    CallResult,
+    CallStatus,
+    Fault,
+    ModelIdentity,
+)
 from secure_runner.client.security import CallSigner, CoordinatorSecurity
-from secure_runner.errors import AuthError, CodecError, ErrorCode, RequestError
+from secure_runner.errors import AuthError, CodecError, ConfigError, ErrorCode, RequestError, SecureRunnerError
 from secure_runner.smp import rules
 from secure_runner.smp.identity import PeerIdentity, Role
 from secure_runner.smp.registry import Registry
@@ -35,35 +51,81 @@ log = logging.getLogger(__name__)
 
 SETUP_RPC = "/secure_runner.v1.ModelRunner/Setup"
 CALL_RPC = "/secure_runner.v1.ModelRunner/Call"
-# Reasons that are the model's own doing; only these count toward disconnection.
-MODEL_FAULTS = frozenset(
-    {
-        ErrorCode.MODEL_RAISED,
-        ErrorCode.MODEL_OUTPUT_INVALID,
-        ErrorCode.WORKER_CRASHED,
-        ErrorCode.WORKER_PROTOCOL,
-        ErrorCode.MEMORY_LIMIT,
-        ErrorCode.CPU_LIMIT,
-        ErrorCode.SETUP_NO_CANDIDATE,
-        ErrorCode.SETUP_MANY_CANDIDATES,
-        ErrorCode.SETUP_IMPORT_FAILED,
-        ErrorCode.SETUP_CONSTRUCTOR_FAILED,
-    }
-)
+HEALTH_CHECK_RPC = "/grpc.health.v1.Health/Check"
+# Delays between connection attempts while a runner cannot be reached (the last one repeats).
+RECONNECT_BACKOFF_SECONDS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
+IDENTITY_TIMEOUT_SECONDS = 5.0
+# Health checks of a model cooling down: the first after this delay, then doubling up to the cap.
+PROBE_FIRST_SECONDS = 0.02
+PROBE_MAX_SECONDS = 0.5
+# Reconnect quickly to a runner or orchestrator that comes back (gRPC's default backoff grows to 120 s).
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+]
 _STATUS = {
     runner_pb2.CALL_STATUS_SUCCESS: CallStatus.SUCCESS,
     runner_pb2.CALL_STATUS_FAILURE: CallStatus.FAILURE,
     runner_pb2.CALL_STATUS_TIMEOUT: CallStatus.TIMEOUT,
 }
+# Refusals meaning the runner no longer has our Setup (it restarted in place): set up again.
+_SETUP_LOST = frozenset({ErrorCode.METHOD_NOT_ALLOWED, ErrorCode.MODEL_NOT_SET_UP})
+
+
+def channel_options(server_name: str) -> list[tuple[str, object]]:
+    return tls.channel_options(server_name) + RECONNECT_OPTIONS
 
 
 class ModelState(StrEnum):
-    CONNECTING = "CONNECTING"
-    IDENTITY_REJECTED = "IDENTITY_REJECTED"
+    CONNECTING = "CONNECTING"  # identity check and Setup in progress (first time, or after losing the runner)
     READY = "READY"
-    SETUP_FAILED = "SETUP_FAILED"
-    UNREACHABLE = "UNREACHABLE"
-    DISCONNECTED = "DISCONNECTED"
+    COOLING_DOWN = "COOLING_DOWN"  # its worker is restarting after a fault; skipped until it serves again
+    UNREACHABLE = "UNREACHABLE"  # the last attempt failed; retrying with backoff
+    IDENTITY_REJECTED = "IDENTITY_REJECTED"  # the runner's identity was refused; retrying with backoff
+    SETUP_FAILED = "SETUP_FAILED"  # the submission's own setup failed: final
+    DISCONNECTED = "DISCONNECTED"  # dropped: over the limits, or gone from the model list
+
+    @property
+    def settled(self) -> bool:
+        """Nothing in progress that would change the model's state soon."""
+        return self in (ModelState.READY, ModelState.SETUP_FAILED, ModelState.DISCONNECTED)
+
+
+class InFlight:
+    """One call handed to gRPC, and its latency: from gRPC's send step to its completion callback."""
+
+    def __init__(self, call: grpc.aio.UnaryUnaryCall) -> None:
+        self.call = call
+        self.started = self.ended = time.perf_counter()
+        # gRPC queued its send step when the call was made; this callback runs right after it.
+        asyncio.get_running_loop().call_soon(self._start)
+        call.add_done_callback(self._end)
+
+    def _start(self) -> None:
+        self.started = time.perf_counter()
+
+    def _end(self, _call) -> None:
+        self.ended = time.perf_counter()
+
+    @property
+    def latency_us(self) -> int:
+        return max(int((self.ended - self.started) * 1_000_000), 0)
+
+    async def outcome(self) -> runner_pb2.CallResponse | Exception:
+        """The response, or what went wrong: never raises, so one call cannot sink the fan-out."""
+        try:
+            return await self.call
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the caller cancelled the fan-out
+            # The call itself was cancelled: its channel closed under it (the model left the list).
+            return grpc.aio.AioRpcError(
+                grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(), "the model's channel was closed"
+            )
+        except Exception as exc:  # noqa: BLE001 - an AioRpcError, or a bug: either way a result, not a crash
+            return exc
 
 
 class RemoteModel:
@@ -76,6 +138,7 @@ class RemoteModel:
         security: CoordinatorSecurity,
         signer: CallSigner,
         registry: Callable[[], Registry],
+        identity_executor: Executor | None = None,
     ) -> None:
         self.identity = identity
         self.address = address
@@ -83,28 +146,50 @@ class RemoteModel:
         self._crunch_id = crunch_id
         self._security = security
         self._registry = registry
-        self.state = ModelState.CONNECTING
+        self._identity_executor = identity_executor
+        self._state = ModelState.CONNECTING
         self.methods: frozenset[str] = frozenset()
         self.setup_error: tuple[str, str] | None = None
         self.consecutive_failures = 0
         self.consecutive_timeouts = 0
+        self.last_fault: CallResult | None = None
+        self.attempts = 0  # connection attempts finished
+        self._cooling = False
+        self._connecting: asyncio.Task | None = None
+        self._setup_args: tuple | None = None
+        self._probing: asyncio.Task | None = None
         self._signer = signer
         self._server_name = PeerIdentity.make(crunch_id, Role.RUNNER, identity.model_id).tls_server_name
         self._channel = grpc.aio.secure_channel(
-            address, tls.channel_credentials(security.tls), options=tls.channel_options(self._server_name)
+            address, tls.channel_credentials(security.tls), options=channel_options(self._server_name)
         )
         self._setup = self._channel.unary_unary(SETUP_RPC, response_deserializer=runner_pb2.SetupResponse.FromString)
         self._call = self._channel.unary_unary(CALL_RPC, response_deserializer=runner_pb2.CallResponse.FromString)
+        self._health = self._channel.unary_unary(
+            HEALTH_CHECK_RPC,
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
 
     @property
     def model_id(self) -> str:
         return self.identity.model_id
 
+    @property
+    def state(self) -> ModelState:
+        if self._state is ModelState.READY and self._cooling:
+            return ModelState.COOLING_DOWN
+        return self._state
+
+    # -- connecting -------------------------------------------------------------------
+
     async def verify_identity(self) -> None:
         """SMP-30..35 on the certificate the runner presents, before any request is sent."""
         host, _, port = self.address.rpartition(":")
-        der = await asyncio.to_thread(
-            tls.fetch_server_certificate, host, int(port), self._security.tls, self._server_name
+        der = await asyncio.get_running_loop().run_in_executor(
+            self._identity_executor,
+            tls.fetch_server_certificate,
+            host, int(port), self._security.tls, self._server_name, IDENTITY_TIMEOUT_SECONDS,
         )
         rules.verify_delegation(
             self._delegation,
@@ -115,21 +200,56 @@ class RemoteModel:
             now=int(time.time()),
         )
 
+    def connect(
+        self,
+        base_classname: str,
+        arguments: Sequence[values_pb2.Argument],
+        kwargs: Sequence[values_pb2.KwArgument],
+        timeout: float,
+    ) -> asyncio.Task:
+        """Start (or keep) connecting in the background, retrying with backoff until set up."""
+        if self._connecting is None or self._connecting.done():
+            self._setup_args = (base_classname, arguments, kwargs, timeout)
+            self._connecting = asyncio.create_task(self._connect_until_settled())
+        return self._connecting
+
+    def reconnect(self, why: str) -> None:
+        """The runner was lost or forgot our Setup: connect again in the background."""
+        if self._setup_args is None or self._state is ModelState.DISCONNECTED:
+            return
+        if self._connecting is not None and not self._connecting.done():
+            return
+        log.warning("model %s at %s: reconnecting (%s)", self.model_id, self.address, why)
+        self._state, self.setup_error = ModelState.CONNECTING, (ErrorCode.UNREACHABLE, f"reconnecting: {why}")
+        self.connect(*self._setup_args)
+
+    async def _connect_until_settled(self) -> None:
+        attempt = 0
+        while True:
+            settled = await self.setup(*self._setup_args)
+            self.attempts += 1
+            if settled:
+                return
+            await asyncio.sleep(RECONNECT_BACKOFF_SECONDS[min(attempt, len(RECONNECT_BACKOFF_SECONDS) - 1)])
+            attempt += 1
+
     async def setup(
         self,
         base_classname: str,
         arguments: Sequence[values_pb2.Argument],
         kwargs: Sequence[values_pb2.KwArgument],
         timeout: float,
-    ) -> None:
-        """Check the runner's identity, then set the model up; the outcome is recorded in `state`."""
+    ) -> bool:
+        """Check the runner's identity, then set the model up. True when settled (ready, or failed for good)."""
         try:
             await self.verify_identity()
-        except (AuthError, RequestError) as exc:
-            self.state = ModelState.IDENTITY_REJECTED if isinstance(exc, AuthError) else ModelState.UNREACHABLE
-            self.setup_error = (exc.code, exc.message)
+        except (AuthError, RequestError, ConfigError, ValueError) as exc:
+            rejected = isinstance(exc, AuthError)
+            self._state = ModelState.IDENTITY_REJECTED if rejected else ModelState.UNREACHABLE
+            code = exc.code if isinstance(exc, SecureRunnerError) else ErrorCode.UNREACHABLE
+            self.setup_error = (code, getattr(exc, "message", None) or f"bad runner address {self.address!r}")
             log.warning("model %s at %s: runner identity not verified: %s", self.model_id, self.address, exc)
-            return
+            return False
         shared = runner_pb2.SetupRequest(
             base_classname=base_classname, arguments=arguments, kwargs=kwargs
         ).SerializeToString()
@@ -142,60 +262,117 @@ class RemoteModel:
                 wait_for_ready=True,
             )
         except grpc.aio.AioRpcError as exc:
-            self.state = ModelState.UNREACHABLE
+            self._state = ModelState.UNREACHABLE
             self.setup_error = (reason_of(exc) or ErrorCode.UNREACHABLE, exc.details() or exc.code().name)
             log.warning("model %s at %s: setup failed: %s", self.model_id, self.address, self.setup_error)
-            return
+            return False
         if response.status == runner_pb2.CALL_STATUS_SUCCESS:
-            self.state, self.methods, self.setup_error = ModelState.READY, frozenset(response.methods), None
-        else:
-            self.state = ModelState.SETUP_FAILED
-            self.setup_error = (response.error.code, response.error.message)
-            log.warning("model %s: setup refused: %s", self.model_id, self.setup_error)
+            self._state, self.methods, self.setup_error = ModelState.READY, frozenset(response.methods), None
+            return True
+        self.setup_error = (response.error.code, response.error.message)
+        log.warning("model %s: setup refused: %s", self.model_id, self.setup_error)
+        if response.error.code in MODEL_FAULTS or response.status == runner_pb2.CALL_STATUS_TIMEOUT:
+            self._state = ModelState.SETUP_FAILED  # the submission's own doing: retrying would not help
+            return True
+        self._state = ModelState.UNREACHABLE  # the host's problem (sandbox, base class): retried
+        return False
 
-    async def call(self, shared: bytes, token: bytes, timeout: float) -> CallResult:
-        """One call: the fan-out's shared request bytes and token; always returns a result."""
-        if self.state is not ModelState.READY:
-            code, message = self.setup_error or (ErrorCode.UNREACHABLE, f"model is {self.state}")
-            return self._result(CallStatus.FAILURE, reason=code, message=message)
+    # -- calling ----------------------------------------------------------------------
+
+    def skipped(self) -> CallResult | None:
+        """The result of a call that is not sent because the model is not ready, else None."""
+        state = self.state
+        if state is ModelState.READY:
+            return None
+        if state is ModelState.COOLING_DOWN:
+            return self._result(CallStatus.FAILURE, 0, ErrorCode.COOLING_DOWN, "worker restarting after a fault")
+        if state is ModelState.SETUP_FAILED:  # the model's fault, counted like a failed (or timed-out) call
+            code, message = self.setup_error
+            status = CallStatus.TIMEOUT if code == ErrorCode.MODEL_TIMEOUT else CallStatus.FAILURE
+            return self._result(status, 0, code, message)
+        code, message = self.setup_error or (ErrorCode.UNREACHABLE, f"model is {state.lower()}")
+        return self._result(CallStatus.FAILURE, 0, code, message)
+
+    def send(self, shared: bytes, token: bytes, timeout: float) -> InFlight:
+        """Hand one call to gRPC: the fan-out's request bytes for this model and their token."""
         body = model_id_field(self.model_id) + shared
-        started = time.perf_counter()
-        try:
-            response = await self._call(body, metadata=((TOKEN_KEY, token),), timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            latency = _micros(started)
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                return self._result(CallStatus.TIMEOUT, latency, ErrorCode.MODEL_TIMEOUT, "deadline exceeded")
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                return self._result(CallStatus.FAILURE, latency, ErrorCode.UNREACHABLE, exc.details() or "")
-            return self._result(CallStatus.FAILURE, latency, reason_of(exc) or ErrorCode.CALL_REFUSED, exc.details() or "")
-        latency = _micros(started)
-        status = _STATUS.get(response.status)
+        return InFlight(self._call(body, metadata=((TOKEN_KEY, token),), timeout=timeout))
+
+    def result_of(self, flight: InFlight, outcome: runner_pb2.CallResponse | Exception) -> CallResult:
+        latency = flight.latency_us
+        if isinstance(outcome, grpc.aio.AioRpcError):
+            status, reason, message = _classify(outcome)
+            return self._result(status, latency, reason, message)
+        if isinstance(outcome, Exception):
+            log.error("model %s: call failed in the client: %r", self.model_id, outcome)
+            return self._result(CallStatus.FAILURE, latency, ErrorCode.INTERNAL, f"client error: {outcome!r}"[:500])
+        status = _STATUS.get(outcome.status)
         if status is None:
             return self._result(CallStatus.FAILURE, latency, ErrorCode.WORKER_PROTOCOL, "runner sent no status")
         if status is not CallStatus.SUCCESS:
-            return self._result(status, latency, response.error.code, response.error.message)
+            return self._result(status, latency, outcome.error.code, outcome.error.message)
         try:
-            output = codec.from_variant(response.output)
+            output = codec.from_variant(outcome.output)
         except CodecError as exc:
             return self._result(CallStatus.FAILURE, latency, ErrorCode.MODEL_OUTPUT_INVALID, exc.message)
         return self._result(CallStatus.SUCCESS, latency, output=output)
 
-    def _result(self, status: CallStatus, latency_us: int = 0, reason: str = "", message: str = "", output=None):
-        return CallResult(self.identity, status, output, latency_us, str(reason), message)
+    def _result(self, status: CallStatus, latency: int = 0, reason: str = "", message: str = "", output=None):
+        return CallResult(self.identity, status, output, latency, str(reason), message)
 
-    def record(self, result: CallResult) -> None:
-        """Update the consecutive counters: only the model's own faults count."""
+    def record(self, result: CallResult, *, sent: bool) -> None:
+        """Count the model's own faults; for a call that was sent, react to what it says about the runner."""
         if result.status is CallStatus.SUCCESS:
             self.consecutive_failures = self.consecutive_timeouts = 0
-        elif result.status is CallStatus.TIMEOUT:
-            self.consecutive_timeouts += 1
-        elif result.reason in MODEL_FAULTS:
-            self.consecutive_failures += 1
+        elif result.fault is Fault.MODEL:
+            self.last_fault = result
+            if result.status is CallStatus.TIMEOUT:
+                self.consecutive_timeouts += 1
+            else:
+                self.consecutive_failures += 1
+        if not sent:
+            return
+        if result.reason in RESTARTING_FAULTS:  # the runner is replacing the worker
+            self._cool_down()
+        elif result.reason == ErrorCode.UNREACHABLE or result.reason in _SETUP_LOST:
+            self.reconnect(f"{result.reason}: {result.message}")
+
+    def _cool_down(self) -> None:
+        self._cooling = True
+        if self._probing is None or self._probing.done():
+            self._probing = asyncio.create_task(self._probe_until_serving())
+
+    async def _probe_until_serving(self) -> None:
+        """Ask the runner's health service until it says the model serves again."""
+        delay = PROBE_FIRST_SECONDS
+        request = health_pb2.HealthCheckRequest(service=self.model_id)
+        while self._cooling:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, PROBE_MAX_SECONDS)
+            try:
+                response = await self._health(request, timeout=max(delay, 1.0))
+            except grpc.aio.AioRpcError:
+                continue
+            if response.status == health_pb2.HealthCheckResponse.SERVING:
+                self._cooling = False
 
     async def close(self) -> None:
+        self._state = ModelState.DISCONNECTED
+        for task in (self._connecting, self._probing):
+            if task is not None:
+                task.cancel()
         await self._channel.close()
 
 
-def _micros(started: float) -> int:
-    return int((time.perf_counter() - started) * 1_000_000)
+def _classify(exc: grpc.aio.AioRpcError) -> tuple[CallStatus, str, str]:
+    """Status, reason and message of a call that gRPC ended with an error."""
+    code, reason, details = exc.code(), reason_of(exc), exc.details() or exc.code().name
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return CallStatus.TIMEOUT, ErrorCode.MODEL_TIMEOUT, "no answer before the deadline"
+    if reason:
+        return CallStatus.FAILURE, reason, details
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return CallStatus.FAILURE, ErrorCode.MESSAGE_TOO_LARGE, details
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return CallStatus.FAILURE, ErrorCode.UNREACHABLE, details
+    return CallStatus.FAILURE, ErrorCode.CALL_REFUSED, f"{code.name}: {details}"

@@ -1,4 +1,51 @@
-"""What a fan-out returns: one `CallResult` per targeted model."""
+"""What a fan-out returns: one `CallResult` per targeted model, and who is to blame for it.
+
+Every targeted model gets exactly one result per call, whatever happened. Its
+`status` is SUCCESS, FAILURE or TIMEOUT; anything but SUCCESS carries a stable
+`reason` code (`secure_runner.errors.ErrorCode`) and a one-line `message`. The
+reason says whose fault the outcome is (`CallResult.fault`), and only the
+model's own faults count toward disconnecting it:
+
+- SUCCESS (fault NONE, reason empty): resets both counters.
+- TIMEOUT, fault MODEL, counts toward `max_consecutive_timeouts`:
+  MODEL_TIMEOUT, no answer within the call's timeout (the runner cut the call off
+  and is replacing the worker, or the runner's answer never came).
+- FAILURE, fault MODEL, counts toward `max_consecutive_failures`:
+  MODEL_RAISED, MODEL_OUTPUT_INVALID (an output no codec encodes), WORKER_CRASHED,
+  WORKER_PROTOCOL, MEMORY_LIMIT, CPU_LIMIT; and the submission's own setup faults:
+  SETUP_NO_CANDIDATE, SETUP_MANY_CANDIDATES, SETUP_IMPORT_FAILED, SETUP_CONSTRUCTOR_FAILED.
+- FAILURE, fault INFRASTRUCTURE, counts toward nothing:
+  - UNREACHABLE: the runner cannot be reached, or the model is still connecting or
+    reconnecting (then nothing was sent);
+  - COOLING_DOWN: skipped, nothing sent: the model's worker is being replaced after a
+    fault, until its runner's health service says the model serves again;
+  - MODEL_UNAVAILABLE: a model id asked for that is not running now (never listed,
+    starting, recovering, stopped, or disconnected by the limits); nothing sent;
+  - MESSAGE_TOO_LARGE: the answer is over the gRPC message cap;
+  - auth failures: the runner's identity was refused (PEER_UNAUTHENTICATED,
+    DELEGATION_*, MODEL_NOT_REGISTERED; nothing sent), or the runner refused our
+    token (TOKEN_*, KEY_*, REPLAY_CACHE_FULL);
+  - the host's problems: SANDBOX_UNAVAILABLE, SETUP_BASE_CLASS;
+  - CALL_REFUSED or the runner's own refusal code (MODEL_UNKNOWN, ...), INTERNAL.
+
+Only a SUCCESS resets the counters; a timeout leaves the failure count alone and
+a failure the timeout count. Coordinator mistakes (a method the base class does
+not declare, arguments that cannot be encoded, a request over the message cap)
+are not results: `call()` raises `RequestError` before anything is sent.
+
+Latency (`latency_us`) is the model's time plus the network's, not the
+coordinator's queueing. Every request is serialized and signed before the first
+one is sent; the clock of each call starts right after gRPC has started sending
+that call (a callback queued behind gRPC's own send step), and stops in gRPC's
+completion callback for that call, before any result of the fan-out is decoded
+(outputs are decoded only once every call has completed). So a model's latency
+does not include preparing other models' requests, nor handling other models'
+answers. It does include the runner's own work (token check, the pipe to the
+worker) and any time the coordinator's event loop is blocked by its own code
+while the call is in flight: nothing in-process can see an answer arrive then.
+Results that were never sent (UNREACHABLE, COOLING_DOWN, MODEL_UNAVAILABLE) have
+latency 0.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +53,56 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from secure_runner.errors import ErrorCode
+
 
 class CallStatus(StrEnum):
     SUCCESS = "SUCCESS"
     FAILURE = "FAILURE"
     TIMEOUT = "TIMEOUT"
+
+
+class Fault(StrEnum):
+    """Whose doing an outcome is (see the module docstring for every reason)."""
+
+    NONE = "NONE"
+    MODEL = "MODEL"
+    INFRASTRUCTURE = "INFRASTRUCTURE"
+
+
+# FAILURE reasons that are the model's own doing; only these count toward max_consecutive_failures.
+MODEL_FAULTS = frozenset(
+    {
+        ErrorCode.MODEL_RAISED,
+        ErrorCode.MODEL_OUTPUT_INVALID,
+        ErrorCode.WORKER_CRASHED,
+        ErrorCode.WORKER_PROTOCOL,
+        ErrorCode.MEMORY_LIMIT,
+        ErrorCode.CPU_LIMIT,
+        ErrorCode.SETUP_NO_CANDIDATE,
+        ErrorCode.SETUP_MANY_CANDIDATES,
+        ErrorCode.SETUP_IMPORT_FAILED,
+        ErrorCode.SETUP_CONSTRUCTOR_FAILED,
+    }
+)
+# Outcomes after which the runner replaces the model's worker: the model cools down until it serves again.
+RESTARTING_FAULTS = frozenset(
+    {
+        ErrorCode.MODEL_TIMEOUT,
+        ErrorCode.WORKER_CRASHED,
+        ErrorCode.WORKER_PROTOCOL,
+        ErrorCode.MEMORY_LIMIT,
+        ErrorCode.CPU_LIMIT,
+    }
+)
+
+
+def fault_of(status: CallStatus, reason: str) -> Fault:
+    if status is CallStatus.SUCCESS:
+        return Fault.NONE
+    if status is CallStatus.TIMEOUT or reason in MODEL_FAULTS:
+        return Fault.MODEL
+    return Fault.INFRASTRUCTURE
 
 
 @dataclass(frozen=True)
@@ -26,12 +118,7 @@ class ModelIdentity:
 
 @dataclass(frozen=True)
 class CallResult:
-    """One model's answer to one call.
-
-    `reason` is a stable code (secure_runner.errors.ErrorCode) for anything but
-    SUCCESS; `message` is for humans. `latency_us` is the round trip from the
-    moment the request was handed to gRPC to the moment its answer arrived.
-    """
+    """One model's answer to one call (the module docstring lists every reason and how latency is measured)."""
 
     model: ModelIdentity
     status: CallStatus
@@ -39,6 +126,10 @@ class CallResult:
     latency_us: int = 0
     reason: str = ""
     message: str = ""
+
+    @property
+    def fault(self) -> Fault:
+        return fault_of(self.status, self.reason)
 
     # Names used by the reference client, kept so existing coordinator code runs.
     @property

@@ -6,6 +6,15 @@ cruncher come from the registry, never from the untrusted folder). Each runner
 gets its own certificate for `spiffe://<crunch>/runner/<model-id>`, listens on
 a loopback port of its choosing and reports it on stdout (`READY <port>`).
 
+Each submission has a supervisor that keeps its runner up and marks its state
+on the board: STARTING (a first start, or a redeploy), RUNNING, RECOVERING (the
+runner died or failed to start; a new one is started after a backoff that
+doubles with each consecutive failure, up to `restart_backoff_max`, and resets
+once a runner stayed up `stable_seconds`), STOPPED (stopped on purpose: a
+coordinator's failure report, or shutdown). Every runner started gets a new
+deployment id, so coordinators can tell a restarted model from the one they
+knew. A runner that never becomes healthy only ever costs its own retries.
+
 Standing in for the crunchers, it signs each runner's identity delegation with
 the cruncher's identity key from the test PKI. That is the one thing a real
 deployment must not copy: there, each cruncher signs its own delegation and the
@@ -23,25 +32,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from nacl.signing import SigningKey
 
 from secure_runner import pki
-from secure_runner.orchestrator.service import REPORT_RPC, ModelBoard, OrchestratorServicer
+from secure_runner.orchestrator.service import ModelBoard, OrchestratorServer
 from secure_runner.smp.identity import validate_id
-from secure_runner.smp.replay import ReplayCache
 from secure_runner.smp.token import issue_delegation
 from secure_runner.transport import tls
-from secure_runner.transport.audit_log import AuditLog
-from secure_runner.transport.registry_file import RegistryFile
-from secure_runner.transport.token_auth import TokenAuthInterceptor
-from secure_runner.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from secure_runner.v1 import orchestrator_pb2
 
 log = logging.getLogger(__name__)
 
 State = orchestrator_pb2.ModelState
+STOP_GRACE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,10 @@ class LocalOrchestratorSettings:
     audit_dir: Path | None = None  # default: an `audit` folder beside the PKI folder
     # Sandbox layers the runners may start without (each runner logs it); empty: all required.
     allow_missing_layers: tuple[str, ...] = ()
+    # Restart delays after consecutive runner failures: first, doubling, capped.
+    restart_backoff_first: float = 0.5
+    restart_backoff_max: float = 30.0
+    stable_seconds: float = 30.0  # a runner up this long resets the backoff
 
     @property
     def audit_folder(self) -> Path:
@@ -71,32 +80,59 @@ def discover_submissions(folder: Path) -> dict[str, Path]:
     }
 
 
+def restart_delay(failures: int, first: float, cap: float) -> float:
+    """Delay before restarting a runner after `failures` consecutive failures (>= 1)."""
+    return min(first * 2 ** (failures - 1), cap)
+
+
+def sign_delegation(
+    layout: pki.PkiLayout, crunch_id: str, info: orchestrator_pb2.ModelInfo, cert: x509.Certificate
+) -> bytes:
+    """The cruncher's delegation of `info`'s model to the TLS key of `cert`, signed with its key from `layout`."""
+    if not info.cruncher_id:
+        log.warning("model %s has no cruncher identity; clients will refuse it", info.model_id)
+        return b""
+    cruncher_key = pki.load_identity_key(layout.cruncher_identity(info.cruncher_id))
+    return issue_delegation(
+        SigningKey(cruncher_key.private_bytes_raw()),
+        crunch_id=crunch_id,
+        model_id=info.model_id,
+        spki_sha256=tls.spki_sha256(cert.public_bytes(Encoding.DER)),
+        now=int(time.time()),
+        lifetime=int((cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds()),
+    )
+
+
+@dataclass
+class _Submission:
+    """One submission's supervision: its current runner and deployment, and what ends it."""
+
+    path: Path
+    info: orchestrator_pb2.ModelInfo  # the current (or last) deployment as announced
+    proc: asyncio.subprocess.Process | None = None
+    failures: int = 0  # consecutive runner failures
+    stopping: bool = False  # stopped on purpose: not restarted
+    redeploying: bool = False  # restarted on purpose: at once, not counted as a failure
+    first_attempt: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task | None = None
+
+
 class LocalOrchestrator:
     def __init__(self, settings: LocalOrchestratorSettings) -> None:
         self.settings = settings
         self.layout = pki.PkiLayout(settings.pki_dir)
         self.board = ModelBoard(validate_id(settings.crunch_id, "crunch id"))
-        self._registry = RegistryFile(self.layout.registry)
         settings.audit_folder.mkdir(parents=True, exist_ok=True)
-        self.audit = AuditLog(settings.audit_folder / "orchestrator.jsonl")
-        auth = TokenAuthInterceptor(
-            settings.crunch_id, [REPORT_RPC], self._registry.current, self.audit, replay=ReplayCache()
+        self.server = OrchestratorServer(
+            self.board, self.layout, settings.audit_folder / "orchestrator.jsonl", self.stop_model
         )
-        self._server = grpc.aio.server(interceptors=[auth], options=tls.server_options())
-        orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(
-            OrchestratorServicer(self.board, self._registry.current, self.audit, self.stop_model), self._server
-        )
-        self._runners: dict[str, asyncio.subprocess.Process] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._submissions: dict[str, _Submission] = {}
         self.port = 0
 
     async def start(self) -> int:
-        files = tls.TlsFiles(self.layout.orchestrator_cert, self.layout.orchestrator_key, self.layout.ca_cert)
-        address = f"{self.settings.host}:{self.settings.port}"
-        self.port = self._server.add_secure_port(address, tls.reloading_server_credentials(files))
-        await self._server.start()
-        registry = self._registry.current()
-        launches = []
+        """Serve the model list and start every runner; returns once each had its first start attempt."""
+        self.port = await self.server.start(self.settings.host, self.settings.port)
+        registry = self.server.registry.current()
         for model_id, path in discover_submissions(self.settings.submissions).items():
             entry = registry.model(self.settings.crunch_id, model_id)
             if entry is None:
@@ -108,56 +144,93 @@ class LocalOrchestrator:
                 cruncher_id=entry.cruncher_id,
                 cruncher_name=entry.cruncher_name,
             )
-            launches.append(self._launch(info, path))
-        await asyncio.gather(*launches)
+            submission = self._submissions[model_id] = _Submission(path, info)
+            submission.task = asyncio.create_task(self._supervise(submission))
+        await asyncio.gather(*(s.first_attempt.wait() for s in self._submissions.values()))
         return self.port
 
-    async def _launch(self, info: orchestrator_pb2.ModelInfo, path: Path) -> None:
+    async def _supervise(self, submission: _Submission) -> None:
+        """Keep one submission's runner up: restart it with backoff when it dies or fails to start."""
+        announce = True  # a first start or a redeploy shows as STARTING; a recovery stays RECOVERING
+        while not submission.stopping:
+            up_since = None
+            try:
+                up_since = await self._start_runner(submission, announce)
+            except Exception:  # noqa: BLE001 - one submission's trouble must not end its supervision
+                log.exception("starting the runner for %s failed", submission.info.model_id)
+            finally:
+                submission.first_attempt.set()
+            if up_since is not None:
+                code = await submission.proc.wait()
+                log.warning("runner for %s (%s) exited with %s",
+                            submission.info.model_id, submission.info.deployment_id, code)
+                if time.monotonic() - up_since >= self.settings.stable_seconds:
+                    submission.failures = 0
+            if submission.stopping:
+                if self.board.get(submission.info.model_id).state != State.MODEL_STATE_STOPPED:
+                    await self._put_state(submission.info, State.MODEL_STATE_STOPPED)
+                return
+            announce = submission.redeploying
+            if submission.redeploying:
+                submission.redeploying = False
+                continue
+            submission.failures += 1
+            delay = restart_delay(
+                submission.failures, self.settings.restart_backoff_first, self.settings.restart_backoff_max
+            )
+            log.warning("runner for %s: %d consecutive failures; restarting in %.1f s",
+                        submission.info.model_id, submission.failures, delay)
+            await self._put_state(submission.info, State.MODEL_STATE_RECOVERING)
+            await asyncio.sleep(delay)
+        submission.first_attempt.set()
+
+    async def _start_runner(self, submission: _Submission, announce: bool) -> float | None:
+        """Start one runner as a new deployment; its start time once RUNNING, None if it never got ready."""
+        info = orchestrator_pb2.ModelInfo()
+        info.CopyFrom(submission.info)
         info.deployment_id = f"{info.model_id}-{secrets.token_hex(4)}"
-        info.state = State.MODEL_STATE_STARTING
-        await self.board.put(info)
+        info.address = ""
+        if announce:
+            submission.info = info
+            await self._put_state(info, State.MODEL_STATE_STARTING)
         cert = pki.issue_runner_certificate(self.layout, info.model_id, crunch_id=self.settings.crunch_id)
         info.runner_delegation = self._sign_delegation(info, cert)
+        proc = submission.proc = await asyncio.create_subprocess_exec(
+            *self._runner_command(info.model_id, submission.path), stdout=asyncio.subprocess.PIPE
+        )
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), self.settings.runner_start_timeout)
+            word, port = line.decode().split()
+            if word != "READY" or submission.stopping:
+                raise ValueError(line)
+        except (TimeoutError, ValueError):
+            log.error("runner for %s did not become ready", info.model_id)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            return None
+        info.address = f"{self.settings.host}:{int(port)}"
+        submission.info = info
+        await self._put_state(info, State.MODEL_STATE_RUNNING)
+        return time.monotonic()
+
+    def _runner_command(self, model_id: str, path: Path) -> list[str]:
         command = [
             sys.executable, "-m", "secure_runner.cli", "runner",
             "--crunch", self.settings.crunch_id,
-            "--model", f"{info.model_id}={path.resolve()}",
+            "--model", f"{model_id}={path.resolve()}",
             "--pki", str(self.layout.root),
             "--host", self.settings.host,
             "--port", "0",
             "--log-level", self.settings.runner_log_level,
-            "--audit-log", str(self.settings.audit_folder / f"runner-{info.model_id}.jsonl"),
+            "--audit-log", str(self.settings.audit_folder / f"runner-{model_id}.jsonl"),
             "--exit-with-parent",
         ]
         for base in self.settings.base_paths:
             command += ["--base-path", str(base.resolve())]
         for layer in self.settings.allow_missing_layers:
             command += ["--allow-missing-layer", layer]
-        proc = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
-        self._runners[info.model_id] = proc
-        try:
-            line = await asyncio.wait_for(proc.stdout.readline(), self.settings.runner_start_timeout)
-            word, port = line.decode().split()
-            if word != "READY":
-                raise ValueError(line)
-        except (TimeoutError, ValueError):
-            log.error("runner for %s did not become ready", info.model_id)
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            info.state = State.MODEL_STATE_STOPPED
-            await self.board.put(info)
-            return
-        info.address = f"{self.settings.host}:{int(port)}"
-        info.state = State.MODEL_STATE_RUNNING
-        await self.board.put(info)
-        task = asyncio.create_task(self._watch_exit(info, proc))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _watch_exit(self, info: orchestrator_pb2.ModelInfo, proc: asyncio.subprocess.Process) -> None:
-        code = await proc.wait()
-        log.warning("runner for %s exited with %s", info.model_id, code)
-        await self._put_state(info, State.MODEL_STATE_STOPPED)
+        return command
 
     async def _put_state(self, info: orchestrator_pb2.ModelInfo, state: int) -> None:
         updated = orchestrator_pb2.ModelInfo()
@@ -166,43 +239,62 @@ class LocalOrchestrator:
         await self.board.put(updated)
 
     def _sign_delegation(self, info: orchestrator_pb2.ModelInfo, cert: x509.Certificate) -> bytes:
-        if not info.cruncher_id:
-            log.warning("model %s has no cruncher identity; clients will refuse it", info.model_id)
-            return b""
-        cruncher_key = pki.load_identity_key(self.layout.cruncher_identity(info.cruncher_id))
-        return issue_delegation(
-            SigningKey(cruncher_key.private_bytes_raw()),
-            crunch_id=self.settings.crunch_id,
-            model_id=info.model_id,
-            spki_sha256=tls.spki_sha256(cert.public_bytes(Encoding.DER)),
-            now=int(time.time()),
-            lifetime=int((cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds()),
-        )
+        return sign_delegation(self.layout, self.settings.crunch_id, info, cert)
+
+    def _running(self, model_id: str, deployment_id: str | None = None) -> _Submission | None:
+        """The submission if its runner is up as `deployment_id` (any deployment if None)."""
+        submission = self._submissions.get(model_id)
+        info = self.board.get(model_id)
+        if submission is None or info is None or info.state != State.MODEL_STATE_RUNNING:
+            return None
+        if deployment_id is not None and info.deployment_id != deployment_id:
+            return None
+        return submission
 
     async def stop_model(self, model_id: str, deployment_id: str) -> bool:
-        """Stop the runner of `model_id` if `deployment_id` is still its current deployment."""
-        info = self.board.get(model_id)
-        if info is None or info.deployment_id != deployment_id or info.state != State.MODEL_STATE_RUNNING:
+        """Stop the runner of `model_id` for good if `deployment_id` is still its current deployment."""
+        submission = self._running(model_id, deployment_id)
+        if submission is None:
             return False
+        submission.stopping = True
         with contextlib.suppress(ProcessLookupError):
-            self._runners[model_id].terminate()
-        await self._put_state(info, State.MODEL_STATE_STOPPED)
+            submission.proc.terminate()
+        await self._put_state(submission.info, State.MODEL_STATE_STOPPED)
+        return True
+
+    def redeploy(self, model_id: str) -> bool:
+        """Replace a running model's runner with a new one (a new deployment id) at once."""
+        submission = self._running(model_id)
+        if submission is None:
+            return False
+        submission.redeploying = True
+        with contextlib.suppress(ProcessLookupError):
+            submission.proc.terminate()
         return True
 
     def runner_process(self, model_id: str) -> asyncio.subprocess.Process:
-        return self._runners[model_id]
+        return self._submissions[model_id].proc
+
+    def consecutive_failures(self, model_id: str) -> int:
+        """How many times in a row the model's runner died or failed to start."""
+        return self._submissions[model_id].failures
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for proc in self._runners.values():
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-        for proc in self._runners.values():
+        for submission in self._submissions.values():
+            submission.stopping = True
+            if submission.proc is not None and submission.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    submission.proc.terminate()
+        for submission in self._submissions.values():
+            if submission.proc is None:
+                continue
             try:
-                await asyncio.wait_for(proc.wait(), 5)
+                await asyncio.wait_for(submission.proc.wait(), STOP_GRACE_SECONDS)
             except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        await self._server.stop(0.5)
-        self.audit.close()
+                submission.proc.kill()
+                await submission.proc.wait()
+        tasks = [s.task for s in self._submissions.values() if s.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.server.stop(0.5)

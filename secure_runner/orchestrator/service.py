@@ -1,4 +1,4 @@
-"""The Orchestrator servicer: the model list for authorized coordinators, and failure reports.
+"""The Orchestrator service: the model list for authorized coordinators, and failure reports.
 
 WatchModels is a long-lived stream, so authorization (SMP-20) is not checked
 once: it is re-checked against the current registry before every snapshot and
@@ -13,13 +13,21 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
+import grpc
+
+from secure_runner import pki
 from secure_runner.errors import AuthError, ErrorCode
 from secure_runner.smp import rules
 from secure_runner.smp.registry import Registry
+from secure_runner.smp.replay import ReplayCache
+from secure_runner.transport import tls
+from secure_runner.transport.audit_log import AuditLog
+from secure_runner.transport.registry_file import RegistryFile
 from secure_runner.transport.status import abort
 from secure_runner.transport.tls import PeerCertificates
-from secure_runner.transport.token_auth import ANONYMOUS, AuditSink
+from secure_runner.transport.token_auth import ANONYMOUS, AuditSink, TokenAuthInterceptor
 from secure_runner.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -119,3 +127,40 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                   "reason": request.reason[:64]},
         )
         return orchestrator_pb2.FailureReportAck(stopped=stopped)
+
+
+class OrchestratorServer:
+    """The orchestrator's network face: `board` served over mTLS, failure reports token-checked and audited.
+
+    Whatever keeps the board current (the local orchestrator's runner processes, or
+    an operator's list of runners running elsewhere) passes `stop_model`, which
+    receives the authenticated reports and must ignore ones for old deployments.
+    """
+
+    def __init__(
+        self,
+        board: ModelBoard,
+        layout: pki.PkiLayout,
+        audit_file: Path,
+        stop_model: Callable[[str, str], Awaitable[bool]],
+    ) -> None:
+        self.board = board
+        self.layout = layout
+        self.registry = RegistryFile(layout.registry)
+        self.audit = AuditLog(audit_file)
+        auth = TokenAuthInterceptor(board.crunch_id, [REPORT_RPC], self.registry.current, self.audit, replay=ReplayCache())
+        self._server = grpc.aio.server(interceptors=[auth], options=tls.server_options())
+        orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(
+            OrchestratorServicer(board, self.registry.current, self.audit, stop_model), self._server
+        )
+        self.port = 0
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        files = tls.TlsFiles(self.layout.orchestrator_cert, self.layout.orchestrator_key, self.layout.ca_cert)
+        self.port = self._server.add_secure_port(f"{host}:{port}", tls.reloading_server_credentials(files))
+        await self._server.start()
+        return self.port
+
+    async def stop(self, grace: float = 0.5) -> None:
+        await self._server.stop(grace)
+        self.audit.close()

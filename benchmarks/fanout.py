@@ -1,0 +1,303 @@
+"""Fan-out speed: this project (full security and sandbox) against raw gRPC and the reference.
+
+Usage: python benchmarks/fanout.py [--models 1,10,50,100] [--rounds 100] [--interval 0]
+
+Not a test: it prints figures for this machine. For each N it runs, in one process, the same
+fan-out of `echo(prices)` (100 floats, JSON) to N trivial models, back to back:
+  (a)  raw grpc.aio echo: one server process per model, no TLS, no token, no worker;
+  (b)  this project as shipped: mTLS, signed tokens, audit, a sandboxed worker per model, models
+       packed onto nodes by the embedded orchestrator (default packing), one FanOut per node;
+  (b1) the same with one model per runner;
+  (c)  the reference (PyPI crunch-model-runner + model-runner-client, no security), installed
+       by benchmarks/reference_harness.py into its own venvs and driven the same way.
+Per configuration: p50 / p99 round time, rounds per second, coordinator CPU per model call,
+server CPU per model call (every server-side process: runners and their workers), memory per
+model (worker RSS) and per runner or node, and the time until all N models answer. Then the
+ratios b/a, b1/c and b/c. Noise: each configuration runs in two halves; the spread of the two
+half medians is printed beside each p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent))
+sys.path.insert(0, str(BENCH))
+
+import reference_harness  # noqa: E402
+
+from secure_runner import (  # noqa: E402
+    Argument,
+    CallStatus,
+    CoordinatorSecurity,
+    DynamicSubclassModelConcurrentRunner,
+    Variant,
+    VariantType,
+    encode_data,
+    pki,
+)
+
+CRUNCH = "fanout-bench"
+BASE = BENCH / "reference_model" / "base"
+SUBMISSION = BENCH / "reference_model" / "submission"
+BASE_CLASS = "refbench.base.EchoBase"
+PAYLOAD = reference_harness.default_payload()
+ECHO_RPC = "/bench.Echo/Echo"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+# -- process accounting ----------------------------------------------------------------------
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process below `root` (runners, their workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat(int(entry))):
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    return sum((int(f[11]) + int(f[12])) / TICK for pid in pids if (f := _stat(pid)))
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def summarize(times: list[float], calls: int, client_cpu: float, server_cpu: float) -> dict:
+    half = len(times) // 2
+    return {
+        "p50_ms": statistics.median(times) * 1e3,
+        "p99_ms": sorted(times)[max(0, int(len(times) * 0.99) - 1)] * 1e3,
+        "rounds_per_s": len(times) / sum(times),
+        "client_cpu_us": client_cpu / calls * 1e6,
+        "server_cpu_us": server_cpu / calls * 1e6,
+        "halves_ms": (statistics.median(times[:half]) * 1e3, statistics.median(times[half:]) * 1e3),
+    }
+
+
+# -- (a) raw grpc.aio echo ------------------------------------------------------------------
+
+
+def echo_server_main(port_file: str) -> None:
+    async def serve() -> None:
+        async def echo(request: bytes, context) -> bytes:
+            return request
+
+        server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(echo)
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler})])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        Path(port_file).write_text(str(port))
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+async def run_raw(n: int, rounds: int, tmp: Path) -> dict:
+    started = time.perf_counter()
+    procs, ports = [], []
+    for i in range(n):
+        port_file = tmp / f"echo-{i}.port"
+        procs.append(subprocess.Popen([sys.executable, __file__, "--echo-server", str(port_file)]))
+        ports.append(port_file)
+    try:
+        for i, port_file in enumerate(ports):
+            while not port_file.exists() or not port_file.read_text():
+                await asyncio.sleep(0.02)
+            ports[i] = int(port_file.read_text())
+        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for port in ports]
+        calls = [channel.unary_unary(ECHO_RPC) for channel in channels]
+        body = encode_data(VariantType.JSON, PAYLOAD)
+        await asyncio.gather(*(call(body, wait_for_ready=True) for call in calls))
+        ready = time.perf_counter() - started
+
+        async def one_round() -> None:
+            replies = await asyncio.gather(*(call(body, timeout=30) for call in calls))
+            assert all(reply == body for reply in replies)
+
+        result = await _measure(one_round, rounds, n, [p.pid for p in procs])
+        result.update(ready_s=ready, runner_rss_mb=statistics.median(rss_mb(p.pid) for p in procs))
+        for channel in channels:
+            await channel.close()
+        return result
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+async def _measure(one_round, rounds: int, n: int, server_pids: list[int]) -> dict:
+    for _ in range(max(5, rounds // 10)):  # warm-up
+        await one_round()
+    server_cpu, client_cpu, times = cpu_seconds(server_pids), time.process_time(), []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        await one_round()
+        times.append(time.perf_counter() - started)
+    return summarize(
+        times, rounds * n, time.process_time() - client_cpu, cpu_seconds(server_pids) - server_cpu
+    )
+
+
+# -- (b), (b1) this project ------------------------------------------------------------------
+
+
+async def run_ours(n: int, rounds: int, tmp: Path, models_per_node: int | None) -> dict:
+    folder = Path(tempfile.mkdtemp(dir=tmp))
+    model_ids = [f"m{i:04d}" for i in range(n)]
+    layout = pki.make_test_pki(folder / "pki", CRUNCH, [pki.ModelSpec(m, m, "alice", "Alice") for m in model_ids])
+    submissions = folder / "submissions"
+    submissions.mkdir()
+    for model_id in model_ids:
+        (submissions / model_id).symlink_to(SUBMISSION)
+    command = [
+        sys.executable, "-m", "secure_runner.cli", "orchestrator", "--crunch", CRUNCH,
+        "--submissions", str(submissions), "--pki", str(layout.root), "--base-path", str(BASE),
+        "--log-level", "ERROR",
+    ]
+    if models_per_node is not None:
+        command += ["--models-per-node", str(models_per_node)]
+    started = time.perf_counter()
+    orchestrator = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    client = None
+    try:
+        port = int(orchestrator.stdout.readline().split()[1])
+        client = DynamicSubclassModelConcurrentRunner(
+            timeout=30, crunch_id=CRUNCH, host="127.0.0.1", port=port, base_classname=BASE_CLASS,
+            security=CoordinatorSecurity.from_pki_dir(layout.root), connect_timeout=120,
+        )
+        await client.init()
+        arguments = [Argument(position=1, data=Variant(type=VariantType.JSON, value=encode_data(VariantType.JSON, PAYLOAD)))]
+
+        async def one_round() -> None:
+            results = await client.call("echo", arguments)
+            assert len(results) == n and all(r.status is CallStatus.SUCCESS for r in results.values()), [
+                (r.model_id, r.reason, r.message) for r in results.values() if r.status is not CallStatus.SUCCESS
+            ][:3]
+
+        await one_round()
+        ready = time.perf_counter() - started
+        servers = descendants(orchestrator.pid)
+        result = await _measure(one_round, rounds, n, servers)
+        runners = [pid for pid in servers if "runner" in _cmdline(pid) and "worker" not in _cmdline(pid)]
+        workers = [pid for pid in servers if "secure_runner.runner.worker" in _cmdline(pid)]
+        result.update(
+            ready_s=ready,
+            runner_rss_mb=statistics.median(rss_mb(pid) for pid in runners),
+            worker_rss_mb=statistics.median(rss_mb(pid) for pid in workers),
+            nodes=len(runners),
+        )
+        return result
+    finally:
+        if client is not None:
+            await client.close()
+        orchestrator.terminate()
+        orchestrator.wait(30)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="1,10,50,100")
+    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--echo-server", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.echo_server:
+        echo_server_main(args.echo_server)
+        return
+    reference_harness.ensure_reference_venv()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fanout-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        for n in (int(x) for x in args.models.split(",")):
+            rounds = max(20, args.rounds if n <= 10 else args.rounds // (2 if n <= 50 else 4))
+            results = {
+                "a": asyncio.run(run_raw(n, rounds, tmp)),
+                "b": asyncio.run(run_ours(n, rounds, tmp, None)),
+                "b1": asyncio.run(run_ours(n, rounds, tmp, 1)),
+            }
+            reference = reference_harness.run_reference(n, rounds, PAYLOAD)
+            half = len(reference["samples_ms"]) // 2
+            results["c"] = {
+                "p50_ms": reference["p50_ms"],
+                "p99_ms": reference["p99_ms"],
+                "rounds_per_s": reference["rounds_per_s"],
+                "client_cpu_us": reference["client_cpu_us_per_call"],
+                "server_cpu_us": reference["runner_cpu_us_per_call"],
+                "runner_rss_mb": reference["runner_rss_mb"],
+                "ready_s": reference["ready_s"],
+                "halves_ms": (statistics.median(reference["samples_ms"][:half]),
+                              statistics.median(reference["samples_ms"][half:])),
+            }
+            rows.append((n, rounds, results))
+            _print_block(n, rounds, results)
+    print("\nratios of p50 round time (lower is better for this project):")
+    print(f"{'N':>4} {'b/a':>6} {'b1/c':>6} {'b/c':>6}   coordinator CPU b/c")
+    for n, _, r in rows:
+        print(
+            f"{n:>4} {r['b']['p50_ms'] / r['a']['p50_ms']:>6.2f} {r['b1']['p50_ms'] / r['c']['p50_ms']:>6.2f}"
+            f" {r['b']['p50_ms'] / r['c']['p50_ms']:>6.2f}   {r['b']['client_cpu_us'] / r['c']['client_cpu_us']:.2f}"
+        )
+
+
+def _print_block(n: int, rounds: int, results: dict) -> None:
+    names = {"a": "a  raw grpc", "b": "b  ours", "b1": "b1 ours 1/node", "c": "c  reference"}
+    print(f"\nN = {n} models, {rounds} rounds per configuration")
+    print(f"{'config':<15} {'p50 ms':>8} {'(halves)':>15} {'p99 ms':>8} {'rounds/s':>9} {'coord CPU':>10}"
+          f" {'server CPU':>11} {'worker MB':>10} {'runner MB':>10} {'ready s':>8}")
+    for key, r in results.items():
+        halves = "{:.2f}/{:.2f}".format(*r["halves_ms"])
+        worker = f"{r['worker_rss_mb']:.0f}" if "worker_rss_mb" in r else "-"
+        runner = f"{r['runner_rss_mb']:.0f}" + (f" x{r['nodes']}" if "nodes" in r else "")
+        print(
+            f"{names[key]:<15} {r['p50_ms']:>8.2f} {halves:>15} {r['p99_ms']:>8.2f} {r['rounds_per_s']:>9.1f}"
+            f" {r['client_cpu_us']:>7.0f} us {r['server_cpu_us']:>8.0f} us {worker:>10} {runner:>10} {r['ready_s']:>8.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
