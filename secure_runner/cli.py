@@ -101,6 +101,7 @@ def _orchestrator(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         audit_dir=args.audit_dir,
+        models_per_node=args.models_per_node,
     )
     _run(_serve_until_signalled(lambda: LocalOrchestrator(settings)))
     return 0
@@ -170,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     orch.add_argument("--pki", type=Path, required=True)
     orch.add_argument("--base-path", type=Path, action="append", default=[])
     orch.add_argument("--audit-dir", type=Path, default=None, help="default: `audit` beside the PKI folder")
+    orch.add_argument(
+        "--models-per-node", type=int, default=1,
+        help="models hosted by one runner process, each in its own sandboxed worker (default 1)",
+    )
     orch.add_argument("--host", default="127.0.0.1")
     orch.add_argument("--port", type=int, default=0)
     _add_common(orch)

@@ -135,3 +135,77 @@ async def test_a_fan_out_for_another_node_is_refused(client):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await fan_out(client, body, "count", ["counter"])
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# -- the client and the orchestrator over model nodes ----------------------------------------
+
+
+async def test_client_reaches_packed_models_with_one_fan_out_per_node(layout, tmp_path):
+    from secure_runner import CallStatus
+    from secure_runner.orchestrator.local import LocalOrchestrator, LocalOrchestratorSettings
+
+    from conftest import BASE_PATH, CRUNCH, make_client
+
+    private = pki.PkiLayout(shutil.copytree(layout.root, tmp_path / "pki"))
+    submissions = tmp_path / "submissions"
+    submissions.mkdir()
+    for model_id in ("async-model", "counter", "two-candidates"):
+        (submissions / model_id).symlink_to(MODELS / "submissions" / ("counter" if model_id == "two-candidates" else model_id))
+    orchestrator = LocalOrchestrator(LocalOrchestratorSettings(
+        crunch_id=CRUNCH, submissions=submissions, pki_dir=private.root, base_paths=[BASE_PATH], models_per_node=2,
+    ))
+    port = await orchestrator.start()
+    client = make_client(private, port)
+    try:
+        await client.init()
+        assert {orchestrator.board.get(m).node_id for m in ("async-model", "counter")} == {"node-0"}
+        assert orchestrator.board.get("two-candidates").node_id == "node-1"
+        arguments, _ = codec.encode_arguments(["tick"], {})
+        for _ in range(3):
+            results = {m.model_id: r for m, r in (await client.call("echo", arguments)).items()}
+            assert {m: r.status for m, r in results.items()} == dict.fromkeys(results, CallStatus.SUCCESS)
+            assert results["async-model"].output == {"echoed": "tick"} and results["counter"].output == "tick"
+            assert all(r.latency_us > 0 for r in results.values())
+        audit = orchestrator.settings.audit_folder
+        node_rpcs = [line for line in (audit / "runner-node-0.jsonl").read_text().splitlines() if '"allow"' in line]
+        assert sum("FanOut" in line for line in node_rpcs) == 3  # one per round for both models
+        assert not any("ModelRunner/Call" in line for line in node_rpcs)
+        single = (audit / "runner-node-1.jsonl").read_text()
+        assert single.count("ModelRunner/Call") == 3 and "FanOut" not in single
+        # A model fault on a node is that model's alone.
+        per_model = lambda identity: codec.encode_arguments(["boom" if identity.model_id == "counter" else "ok"], {})[0]
+        results = {m.model_id: r for m, r in (await client.call("fail", per_model)).items()}
+        assert results["counter"].reason == ErrorCode.MODEL_RAISED and results["counter"].message == "RuntimeError: boom"
+    finally:
+        await client.close()
+        await orchestrator.stop()
+
+
+async def test_stopping_one_model_of_a_node_restarts_the_node_without_it(layout, tmp_path):
+    from secure_runner.orchestrator.local import LocalOrchestrator, LocalOrchestratorSettings
+    from secure_runner.v1 import orchestrator_pb2
+
+    from conftest import BASE_PATH, CRUNCH
+
+    private = pki.PkiLayout(shutil.copytree(layout.root, tmp_path / "pki"))
+    submissions = tmp_path / "submissions"
+    submissions.mkdir()
+    for model_id in ("async-model", "counter"):
+        (submissions / model_id).symlink_to(MODELS / "submissions" / model_id)
+    orchestrator = LocalOrchestrator(LocalOrchestratorSettings(
+        crunch_id=CRUNCH, submissions=submissions, pki_dir=private.root, base_paths=[BASE_PATH], models_per_node=2,
+    ))
+    await orchestrator.start()
+    try:
+        before = orchestrator.board.get("async-model").deployment_id
+        assert await orchestrator.stop_model("counter", orchestrator.board.get("counter").deployment_id)
+        for _ in range(1000):
+            info = orchestrator.board.get("async-model")
+            if info.state == orchestrator_pb2.MODEL_STATE_RUNNING and info.deployment_id != before:
+                break
+            await asyncio.sleep(0.01)
+        assert info.state == orchestrator_pb2.MODEL_STATE_RUNNING and info.deployment_id != before
+        assert orchestrator.board.get("counter").state == orchestrator_pb2.MODEL_STATE_STOPPED
+        assert "counter=" not in " ".join(orchestrator._runner_command(orchestrator._node_of["async-model"]))
+    finally:
+        await orchestrator.stop()

@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from secure_runner import codec
+from secure_runner.client.fan_out import FANOUT_RPC, fan_out_request
 from secure_runner.client.remote_model import CALL_RPC, ModelState, RemoteModel, channel_options
 from secure_runner.client.results import CallResult, CallStatus, ModelIdentity
 from secure_runner.client.security import CallSigner, CoordinatorSecurity
@@ -254,6 +255,7 @@ class DynamicSubclassModelConcurrentRunner:
             self._signer,
             self._registry.current,
             self._identity_executor,
+            node_id=info.node_id,
         )
         self._models[identity.model_id] = model
         self._disconnected.pop(identity.model_id, None)
@@ -308,9 +310,7 @@ class DynamicSubclassModelConcurrentRunner:
                 model.record(skipped, sent=False)
                 results[model] = skipped
         ready = [model for model in targets if model not in results]
-        tokens = self._sign(method, ready, requests)
-        # Every request is ready before the first is sent, so no call's latency includes preparing another.
-        flights = [model.send(requests[model], tokens[model], self.timeout) for model in ready]
+        flights = self._send(method, ready, requests)
         outcomes = await asyncio.gather(*(flight.outcome() for flight in flights))
         for model, flight, outcome in zip(ready, flights, outcomes, strict=True):
             results[model] = model.result_of(flight, outcome)  # outputs decoded only now
@@ -365,6 +365,40 @@ class DynamicSubclassModelConcurrentRunner:
             except RequestError as exc:
                 raise RequestError(exc.code, f"arguments for model {model.model_id}: {exc.message}") from None
         return requests
+
+    def _send(self, method: str, ready: list[RemoteModel], requests: dict[RemoteModel, bytes]) -> list:
+        """Hand every call to gRPC: one FanOut per node hosting several targets, one Call otherwise.
+
+        Every request is encoded and signed before the first is sent, so no call's
+        latency includes preparing another. Returns one flight per model of `ready`.
+        """
+        nodes: dict[tuple[str, str], list[RemoteModel]] = {}
+        for model in ready:
+            nodes.setdefault((model.address, model.node_id), []).append(model)
+        singles = [group[0] for group in nodes.values() if len(group) == 1]
+        tokens = self._sign(method, singles, requests)
+        prepared = []
+        for (_, node_id), group in nodes.items():
+            if len(group) == 1:
+                prepared.append((group, None))
+                continue
+            for start in range(0, len(group), MAX_AUDIENCE):
+                chunk = group[start : start + MAX_AUDIENCE]
+                request = fan_out_request([(m.model_id, requests[m]) for m in chunk], method)
+                shared = request.SerializeToString()
+                token = self._signer.sign(
+                    audience=[m.model_id for m in chunk], rpc=FANOUT_RPC, method=method, shared_body=shared
+                )
+                prepared.append((chunk, (model_id_field(node_id) + shared, token)))
+        flights = {}
+        for chunk, fan_out in prepared:
+            if fan_out is None:
+                model = chunk[0]
+                flights[model] = model.send(requests[model], tokens[model], self.timeout)
+                continue
+            node_flight = chunk[0].send_fan_out(*fan_out, self.timeout, [m.model_id for m in chunk])
+            flights.update((m, node_flight.flights[m.model_id]) for m in chunk)
+        return [flights[model] for model in ready]
 
     def _sign(self, method: str, models: list[RemoteModel], requests: dict[RemoteModel, bytes]) -> dict:
         """One token per distinct request body and MAX_AUDIENCE models, not one per model."""

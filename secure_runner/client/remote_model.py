@@ -37,6 +37,7 @@ from secure_runner.client.results import (
     Fault,
     ModelIdentity,
 )
+from secure_runner.client.fan_out import FANOUT_RPC, ModelFlight, NodeFlight
 from secure_runner.client.security import CallSigner, CoordinatorSecurity
 from secure_runner.errors import AuthError, CodecError, ConfigError, ErrorCode, RequestError, SecureRunnerError
 from secure_runner.smp import rules
@@ -139,9 +140,11 @@ class RemoteModel:
         signer: CallSigner,
         registry: Callable[[], Registry],
         identity_executor: Executor | None = None,
+        node_id: str = "",
     ) -> None:
         self.identity = identity
         self.address = address
+        self.node_id = node_id or identity.model_id  # the runner hosting it; its TLS certificate names it
         self._delegation = delegation
         self._crunch_id = crunch_id
         self._security = security
@@ -159,12 +162,13 @@ class RemoteModel:
         self._setup_args: tuple | None = None
         self._probing: asyncio.Task | None = None
         self._signer = signer
-        self._server_name = PeerIdentity.make(crunch_id, Role.RUNNER, identity.model_id).tls_server_name
+        self._server_name = PeerIdentity.make(crunch_id, Role.RUNNER, self.node_id).tls_server_name
         self._channel = grpc.aio.secure_channel(
             address, tls.channel_credentials(security.tls), options=channel_options(self._server_name)
         )
         self._setup = self._channel.unary_unary(SETUP_RPC, response_deserializer=runner_pb2.SetupResponse.FromString)
         self._call = self._channel.unary_unary(CALL_RPC, response_deserializer=runner_pb2.CallResponse.FromString)
+        self._fan_out = self._channel.unary_stream(FANOUT_RPC, response_deserializer=runner_pb2.FanOutResult.FromString)
         self._health = self._channel.unary_unary(
             HEALTH_CHECK_RPC,
             request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
@@ -298,7 +302,11 @@ class RemoteModel:
         body = model_id_field(self.model_id) + shared
         return InFlight(self._call(body, metadata=((TOKEN_KEY, token),), timeout=timeout))
 
-    def result_of(self, flight: InFlight, outcome: runner_pb2.CallResponse | Exception) -> CallResult:
+    def send_fan_out(self, body: bytes, token: bytes, timeout: float, model_ids: Sequence[str]) -> NodeFlight:
+        """Hand one FanOut for `model_ids` (all on this model's node) to gRPC, on this model's channel."""
+        return NodeFlight(self._fan_out(body, metadata=((TOKEN_KEY, token),), timeout=timeout), model_ids)
+
+    def result_of(self, flight: InFlight | ModelFlight, outcome: runner_pb2.CallResponse | Exception) -> CallResult:
         latency = flight.latency_us
         if isinstance(outcome, grpc.aio.AioRpcError):
             status, reason, message = _classify(outcome)

@@ -1,12 +1,15 @@
-"""The embedded orchestrator: one local runner process per submission folder.
+"""The embedded orchestrator: local runner processes for a folder of submissions.
 
 Each subfolder of `submissions` is one submission whose folder name is its
 model id; only models present in the registry are started (their names and
-cruncher come from the registry, never from the untrusted folder). Each runner
-gets its own certificate for `spiffe://<crunch>/runner/<model-id>`, listens on
-a loopback port of its choosing and reports it on stdout (`READY <port>`).
+cruncher come from the registry, never from the untrusted folder). Models are
+packed `models_per_node` to a runner process (a model node; each model still in
+its own sandboxed worker); with one per node, the node is named after its model.
+Each runner gets its own certificate for `spiffe://<crunch>/runner/<node-id>`,
+listens on a loopback port of its choosing and reports it on stdout
+(`READY <port>`).
 
-Each submission has a supervisor that keeps its runner up and marks its state
+Each node has a supervisor that keeps its runner up and marks its models' states
 on the board: STARTING (a first start, or a redeploy), RUNNING, RECOVERING (the
 runner died or failed to start; a new one is started after a backoff that
 doubles with each consecutive failure, up to `restart_backoff_max`, and resets
@@ -66,6 +69,8 @@ class LocalOrchestratorSettings:
     restart_backoff_first: float = 0.5
     restart_backoff_max: float = 30.0
     stable_seconds: float = 30.0  # a runner up this long resets the backoff
+    # Models per runner process (a model node, reached with one FanOut per call); 1: a runner per model.
+    models_per_node: int = 1
 
     @property
     def audit_folder(self) -> Path:
@@ -104,17 +109,28 @@ def sign_delegation(
 
 
 @dataclass
-class _Submission:
-    """One submission's supervision: its current runner and deployment, and what ends it."""
+class _Node:
+    """One runner process (a model node) and its supervision: the models it hosts, their deployments."""
 
-    path: Path
-    info: orchestrator_pb2.ModelInfo  # the current (or last) deployment as announced
+    node_id: str
+    paths: dict[str, Path]  # model id -> submission folder
+    infos: dict[str, orchestrator_pb2.ModelInfo]  # model id -> current (or last) deployment as announced
     proc: asyncio.subprocess.Process | None = None
     failures: int = 0  # consecutive runner failures
     stopping: bool = False  # stopped on purpose: not restarted
     redeploying: bool = False  # restarted on purpose: at once, not counted as a failure
     first_attempt: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
+
+
+def pack(model_ids: list[str], models_per_node: int) -> dict[str, list[str]]:
+    """Node id -> model ids. One model per node keeps the model's own id as the node id."""
+    if models_per_node <= 1:
+        return {model_id: [model_id] for model_id in model_ids}
+    return {
+        f"node-{index}": model_ids[start : start + models_per_node]
+        for index, start in enumerate(range(0, len(model_ids), models_per_node))
+    }
 
 
 class LocalOrchestrator:
@@ -126,111 +142,123 @@ class LocalOrchestrator:
         self.server = OrchestratorServer(
             self.board, self.layout, settings.audit_folder / "orchestrator.jsonl", self.stop_model
         )
-        self._submissions: dict[str, _Submission] = {}
+        self._nodes: dict[str, _Node] = {}
+        self._node_of: dict[str, _Node] = {}  # model id -> its node
         self.port = 0
 
     async def start(self) -> int:
         """Serve the model list and start every runner; returns once each had its first start attempt."""
         self.port = await self.server.start(self.settings.host, self.settings.port)
         registry = self.server.registry.current()
+        found: dict[str, tuple[Path, orchestrator_pb2.ModelInfo]] = {}
         for model_id, path in discover_submissions(self.settings.submissions).items():
             entry = registry.model(self.settings.crunch_id, model_id)
             if entry is None:
                 log.warning("submission %s is not in the registry; not started", path)
                 continue
-            info = orchestrator_pb2.ModelInfo(
+            found[model_id] = path, orchestrator_pb2.ModelInfo(
                 model_id=model_id,
                 model_name=entry.model_name,
                 cruncher_id=entry.cruncher_id,
                 cruncher_name=entry.cruncher_name,
             )
-            submission = self._submissions[model_id] = _Submission(path, info)
-            submission.task = asyncio.create_task(self._supervise(submission))
-        await asyncio.gather(*(s.first_attempt.wait() for s in self._submissions.values()))
+        for node_id, model_ids in pack(list(found), self.settings.models_per_node).items():
+            node = self._nodes[node_id] = _Node(
+                node_id, {m: found[m][0] for m in model_ids}, {m: found[m][1] for m in model_ids}
+            )
+            self._node_of.update(dict.fromkeys(model_ids, node))
+            node.task = asyncio.create_task(self._supervise(node))
+        await asyncio.gather(*(node.first_attempt.wait() for node in self._nodes.values()))
         return self.port
 
-    async def _supervise(self, submission: _Submission) -> None:
-        """Keep one submission's runner up: restart it with backoff when it dies or fails to start."""
+    async def _supervise(self, node: _Node) -> None:
+        """Keep one node's runner up: restart it with backoff when it dies or fails to start."""
         announce = True  # a first start or a redeploy shows as STARTING; a recovery stays RECOVERING
-        while not submission.stopping:
+        while not node.stopping and node.paths:
             up_since = None
             try:
-                up_since = await self._start_runner(submission, announce)
-            except Exception:  # noqa: BLE001 - one submission's trouble must not end its supervision
-                log.exception("starting the runner for %s failed", submission.info.model_id)
+                up_since = await self._start_runner(node, announce)
+            except Exception:  # noqa: BLE001 - one node's trouble must not end its supervision
+                log.exception("starting the runner for %s failed", node.node_id)
             finally:
-                submission.first_attempt.set()
+                node.first_attempt.set()
             if up_since is not None:
-                code = await submission.proc.wait()
-                log.warning("runner for %s (%s) exited with %s",
-                            submission.info.model_id, submission.info.deployment_id, code)
+                code = await node.proc.wait()
+                log.warning("runner %s exited with %s", node.node_id, code)
                 if time.monotonic() - up_since >= self.settings.stable_seconds:
-                    submission.failures = 0
-            if submission.stopping:
-                if self.board.get(submission.info.model_id).state != State.MODEL_STATE_STOPPED:
-                    await self._put_state(submission.info, State.MODEL_STATE_STOPPED)
+                    node.failures = 0
+            if node.stopping:
+                await self._put_states(node, State.MODEL_STATE_STOPPED, only_if_not_stopped=True)
                 return
-            announce = submission.redeploying
-            if submission.redeploying:
-                submission.redeploying = False
+            announce = node.redeploying
+            if node.redeploying:
+                node.redeploying = False
                 continue
-            submission.failures += 1
-            delay = restart_delay(
-                submission.failures, self.settings.restart_backoff_first, self.settings.restart_backoff_max
-            )
-            log.warning("runner for %s: %d consecutive failures; restarting in %.1f s",
-                        submission.info.model_id, submission.failures, delay)
-            await self._put_state(submission.info, State.MODEL_STATE_RECOVERING)
+            node.failures += 1
+            delay = restart_delay(node.failures, self.settings.restart_backoff_first, self.settings.restart_backoff_max)
+            log.warning("runner %s: %d consecutive failures; restarting in %.1f s", node.node_id, node.failures, delay)
+            await self._put_states(node, State.MODEL_STATE_RECOVERING)
             await asyncio.sleep(delay)
-        submission.first_attempt.set()
+        node.first_attempt.set()
 
-    async def _start_runner(self, submission: _Submission, announce: bool) -> float | None:
-        """Start one runner as a new deployment; its start time once RUNNING, None if it never got ready."""
-        info = orchestrator_pb2.ModelInfo()
-        info.CopyFrom(submission.info)
-        info.deployment_id = f"{info.model_id}-{secrets.token_hex(4)}"
-        info.address = ""
+    async def _start_runner(self, node: _Node, announce: bool) -> float | None:
+        """Start the node's runner as a new deployment of each model; its start time once RUNNING, else None."""
+        infos = {}
+        for model_id, current in node.infos.items():
+            info = infos[model_id] = orchestrator_pb2.ModelInfo()
+            info.CopyFrom(current)
+            info.deployment_id = f"{model_id}-{secrets.token_hex(4)}"
+            info.node_id = node.node_id
+            info.address = ""
         if announce:
-            submission.info = info
-            await self._put_state(info, State.MODEL_STATE_STARTING)
-        cert = pki.issue_runner_certificate(self.layout, info.model_id, crunch_id=self.settings.crunch_id)
-        info.runner_delegation = self._sign_delegation(info, cert)
-        proc = submission.proc = await asyncio.create_subprocess_exec(
-            *self._runner_command(info.model_id, submission.path), stdout=asyncio.subprocess.PIPE
-        )
+            node.infos = infos
+            await self._put_states(node, State.MODEL_STATE_STARTING)
+        cert = pki.issue_runner_certificate(self.layout, node.node_id, crunch_id=self.settings.crunch_id)
+        for info in infos.values():
+            info.runner_delegation = self._sign_delegation(info, cert)
+        proc = node.proc = await asyncio.create_subprocess_exec(*self._runner_command(node), stdout=asyncio.subprocess.PIPE)
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), self.settings.runner_start_timeout)
             word, port = line.decode().split()
-            if word != "READY" or submission.stopping:
+            if word != "READY" or node.stopping:
                 raise ValueError(line)
         except (TimeoutError, ValueError):
-            log.error("runner for %s did not become ready", info.model_id)
+            log.error("runner %s did not become ready", node.node_id)
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
             return None
-        info.address = f"{self.settings.host}:{int(port)}"
-        submission.info = info
-        await self._put_state(info, State.MODEL_STATE_RUNNING)
+        for info in infos.values():
+            info.address = f"{self.settings.host}:{int(port)}"
+        node.infos = infos
+        await self._put_states(node, State.MODEL_STATE_RUNNING)
         return time.monotonic()
 
-    def _runner_command(self, model_id: str, path: Path) -> list[str]:
+    def _runner_command(self, node: _Node) -> list[str]:
         command = [
             sys.executable, "-m", "secure_runner.cli", "runner",
             "--crunch", self.settings.crunch_id,
-            "--model", f"{model_id}={path.resolve()}",
+            "--node-id", node.node_id,
             "--pki", str(self.layout.root),
             "--host", self.settings.host,
             "--port", "0",
             "--log-level", self.settings.runner_log_level,
-            "--audit-log", str(self.settings.audit_folder / f"runner-{model_id}.jsonl"),
+            "--audit-log", str(self.settings.audit_folder / f"runner-{node.node_id}.jsonl"),
             "--exit-with-parent",
         ]
+        for model_id, path in node.paths.items():
+            command += ["--model", f"{model_id}={path.resolve()}"]
         for base in self.settings.base_paths:
             command += ["--base-path", str(base.resolve())]
         for layer in self.settings.allow_missing_layers:
             command += ["--allow-missing-layer", layer]
         return command
+
+    async def _put_states(self, node: _Node, state: int, *, only_if_not_stopped: bool = False) -> None:
+        for info in node.infos.values():
+            if only_if_not_stopped and self.board.get(info.model_id).state == State.MODEL_STATE_STOPPED:
+                continue
+            await self._put_state(info, state)
 
     async def _put_state(self, info: orchestrator_pb2.ModelInfo, state: int) -> None:
         updated = orchestrator_pb2.ModelInfo()
@@ -241,59 +269,67 @@ class LocalOrchestrator:
     def _sign_delegation(self, info: orchestrator_pb2.ModelInfo, cert: x509.Certificate) -> bytes:
         return sign_delegation(self.layout, self.settings.crunch_id, info, cert)
 
-    def _running(self, model_id: str, deployment_id: str | None = None) -> _Submission | None:
-        """The submission if its runner is up as `deployment_id` (any deployment if None)."""
-        submission = self._submissions.get(model_id)
+    def _running(self, model_id: str, deployment_id: str | None = None) -> _Node | None:
+        """The model's node if the model is up as `deployment_id` (any deployment if None)."""
+        node = self._node_of.get(model_id)
         info = self.board.get(model_id)
-        if submission is None or info is None or info.state != State.MODEL_STATE_RUNNING:
+        if node is None or info is None or info.state != State.MODEL_STATE_RUNNING:
             return None
         if deployment_id is not None and info.deployment_id != deployment_id:
             return None
-        return submission
+        return node
 
     async def stop_model(self, model_id: str, deployment_id: str) -> bool:
-        """Stop the runner of `model_id` for good if `deployment_id` is still its current deployment."""
-        submission = self._running(model_id, deployment_id)
-        if submission is None:
+        """Stop `model_id` for good if `deployment_id` is still its current deployment.
+
+        A node hosting only that model stops; a node hosting others restarts without
+        it (its other models come back as new deployments).
+        """
+        node = self._running(model_id, deployment_id)
+        if node is None:
             return False
-        submission.stopping = True
+        await self._put_state(node.infos[model_id], State.MODEL_STATE_STOPPED)
+        if len(node.paths) == 1:
+            node.stopping = True
+        else:
+            del node.paths[model_id], node.infos[model_id]
+            node.redeploying = True
         with contextlib.suppress(ProcessLookupError):
-            submission.proc.terminate()
-        await self._put_state(submission.info, State.MODEL_STATE_STOPPED)
+            node.proc.terminate()
         return True
 
     def redeploy(self, model_id: str) -> bool:
         """Replace a running model's runner with a new one (a new deployment id) at once."""
-        submission = self._running(model_id)
-        if submission is None:
+        node = self._running(model_id)
+        if node is None:
             return False
-        submission.redeploying = True
+        node.redeploying = True
         with contextlib.suppress(ProcessLookupError):
-            submission.proc.terminate()
+            node.proc.terminate()
         return True
 
     def runner_process(self, model_id: str) -> asyncio.subprocess.Process:
-        return self._submissions[model_id].proc
+        return self._node_of[model_id].proc
 
     def consecutive_failures(self, model_id: str) -> int:
         """How many times in a row the model's runner died or failed to start."""
-        return self._submissions[model_id].failures
+        return self._node_of[model_id].failures
 
     async def stop(self) -> None:
-        for submission in self._submissions.values():
-            submission.stopping = True
-            if submission.proc is not None and submission.proc.returncode is None:
+        for node in self._nodes.values():
+            node.stopping = True
+            if node.proc is not None and node.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    submission.proc.terminate()
-        for submission in self._submissions.values():
-            if submission.proc is None:
+                    node.proc.terminate()
+        for node in self._nodes.values():
+            if node.proc is None:
                 continue
             try:
-                await asyncio.wait_for(submission.proc.wait(), STOP_GRACE_SECONDS)
+                await asyncio.wait_for(node.proc.wait(), STOP_GRACE_SECONDS)
             except TimeoutError:
-                submission.proc.kill()
-                await submission.proc.wait()
-        tasks = [s.task for s in self._submissions.values() if s.task is not None]
+                node.proc.kill()
+                await node.proc.wait()
+        tasks = [node.task for node in self._nodes.values() if node.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

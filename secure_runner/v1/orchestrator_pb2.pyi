@@ -27,7 +27,7 @@ class WatchModelsRequest(_message.Message):
     def __init__(self, crunch_id: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "model_name", "cruncher_id", "cruncher_name", "deployment_id", "address", "state", "runner_delegation")
+    __slots__ = ("model_id", "model_name", "cruncher_id", "cruncher_name", "deployment_id", "address", "state", "runner_delegation", "node_id")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     CRUNCHER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class ModelInfo(_message.Message):
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     RUNNER_DELEGATION_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_name: str
     cruncher_id: str
@@ -44,7 +45,8 @@ class ModelInfo(_message.Message):
     address: str
     state: ModelState
     runner_delegation: bytes
-    def __init__(self, model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., cruncher_id: _Optional[str] = ..., cruncher_name: _Optional[str] = ..., deployment_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., runner_delegation: _Optional[bytes] = ...) -> None: ...
+    node_id: str
+    def __init__(self, model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., cruncher_id: _Optional[str] = ..., cruncher_name: _Optional[str] = ..., deployment_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., runner_delegation: _Optional[bytes] = ..., node_id: _Optional[str] = ...) -> None: ...
 
 class FailureReport(_message.Message):
     __slots__ = ("model_id", "deployment_id", "reason", "message", "consecutive_failures", "consecutive_timeouts")
