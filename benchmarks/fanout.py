@@ -6,7 +6,8 @@ Not a test: it prints figures for this machine. For each N it runs, in one proce
 fan-out of `echo(prices)` (100 floats, JSON) to N trivial models, back to back:
   (a)  raw grpc.aio echo: one server process per model, no TLS, no token, no worker;
   (b)  this project as shipped: mTLS, signed tokens, audit, a sandboxed worker per model, models
-       packed onto nodes by the embedded orchestrator (default packing), one FanOut per node;
+       packed onto two runner processes (one per core: `--models-per-node ceil(N/2)`), one FanOut
+       per node;
   (b1) the same with one model per runner;
   (c)  the reference (PyPI crunch-model-runner + model-runner-client, no security), installed
        by benchmarks/reference_harness.py into its own venvs and driven the same way.
@@ -129,8 +130,9 @@ def echo_server_main(port_file: str) -> None:
 async def run_raw(n: int, rounds: int, tmp: Path) -> dict:
     started = time.perf_counter()
     procs, ports = [], []
+    folder = Path(tempfile.mkdtemp(dir=tmp))  # fresh port files for every run
     for i in range(n):
-        port_file = tmp / f"echo-{i}.port"
+        port_file = folder / f"echo-{i}.port"
         procs.append(subprocess.Popen([sys.executable, __file__, "--echo-server", str(port_file)]))
         ports.append(port_file)
     try:
@@ -175,7 +177,7 @@ async def _measure(one_round, rounds: int, n: int, server_pids: list[int]) -> di
 # -- (b), (b1) this project ------------------------------------------------------------------
 
 
-async def run_ours(n: int, rounds: int, tmp: Path, models_per_node: int | None) -> dict:
+async def run_ours(n: int, rounds: int, tmp: Path, models_per_node: int) -> dict:
     folder = Path(tempfile.mkdtemp(dir=tmp))
     model_ids = [f"m{i:04d}" for i in range(n)]
     layout = pki.make_test_pki(folder / "pki", CRUNCH, [pki.ModelSpec(m, m, "alice", "Alice") for m in model_ids])
@@ -188,8 +190,7 @@ async def run_ours(n: int, rounds: int, tmp: Path, models_per_node: int | None) 
         "--submissions", str(submissions), "--pki", str(layout.root), "--base-path", str(BASE),
         "--log-level", "ERROR",
     ]
-    if models_per_node is not None:
-        command += ["--models-per-node", str(models_per_node)]
+    command += ["--models-per-node", str(models_per_node)]
     started = time.perf_counter()
     orchestrator = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     client = None
@@ -257,7 +258,7 @@ def main() -> None:
             rounds = max(20, args.rounds if n <= 10 else args.rounds // (2 if n <= 50 else 4))
             results = {
                 "a": asyncio.run(run_raw(n, rounds, tmp)),
-                "b": asyncio.run(run_ours(n, rounds, tmp, None)),
+                "b": asyncio.run(run_ours(n, rounds, tmp, max(1, -(-n // 2)))),
                 "b1": asyncio.run(run_ours(n, rounds, tmp, 1)),
             }
             reference = reference_harness.run_reference(n, rounds, PAYLOAD)
@@ -285,7 +286,7 @@ def main() -> None:
 
 
 def _print_block(n: int, rounds: int, results: dict) -> None:
-    names = {"a": "a  raw grpc", "b": "b  ours", "b1": "b1 ours 1/node", "c": "c  reference"}
+    names = {"a": "a  raw grpc", "b": "b  ours packed", "b1": "b1 ours 1/node", "c": "c  reference"}
     print(f"\nN = {n} models, {rounds} rounds per configuration")
     print(f"{'config':<15} {'p50 ms':>8} {'(halves)':>15} {'p99 ms':>8} {'rounds/s':>9} {'coord CPU':>10}"
           f" {'server CPU':>11} {'worker MB':>10} {'runner MB':>10} {'ready s':>8}")

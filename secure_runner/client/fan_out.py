@@ -21,17 +21,27 @@ from secure_runner.v1 import runner_pb2
 FANOUT_RPC = "/secure_runner.v1.ModelRunner/FanOut"
 
 
-def fan_out_request(node_id_shared: Sequence[tuple[str, bytes]], method: str) -> runner_pb2.FanOutRequest:
-    """The FanOut request for (model id, shared Call bytes) pairs: common arguments once, the rest per model."""
-    calls = {model_id: runner_pb2.CallRequest.FromString(shared) for model_id, shared in node_id_shared}
-    first = next(iter(calls.values()))
+def fan_out_request(model_requests: Sequence[tuple[str, bytes]], method: str) -> runner_pb2.FanOutRequest:
+    """The FanOut for (model id, shared Call bytes) pairs: common arguments once, the others per model.
+
+    Each distinct request is parsed once, so the usual case (the same arguments for
+    every model) costs one parse whatever the number of models.
+    """
+    parsed: dict[bytes, runner_pb2.CallRequest] = {}
+    for _, shared in model_requests:
+        if shared not in parsed:
+            parsed[shared] = runner_pb2.CallRequest.FromString(shared)
+    common_bytes = model_requests[0][1]
+    common = parsed[common_bytes]
     request = runner_pb2.FanOutRequest(
-        model_ids=list(calls), method=method, arguments=first.arguments, kwargs=first.kwargs
+        model_ids=[model_id for model_id, _ in model_requests],
+        method=method,
+        arguments=common.arguments,
+        kwargs=common.kwargs,
     )
-    common = first.SerializeToString()
-    for model_id, call in calls.items():
-        if call.SerializeToString() != common:
-            request.per_model.add(model_id=model_id, arguments=call.arguments, kwargs=call.kwargs)
+    for model_id, shared in model_requests:
+        if shared != common_bytes:
+            request.per_model.add(model_id=model_id, arguments=parsed[shared].arguments, kwargs=parsed[shared].kwargs)
     return request
 
 
