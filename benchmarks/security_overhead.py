@@ -97,6 +97,7 @@ def verification_cost(layout: pki.PkiLayout, iterations: int = 5000) -> tuple[fl
 
 def plain_runner_main(model_id: str, port_file: str) -> None:
     """A runner without TLS or the token interceptor: the same servicer and supervision."""
+    from secure_runner.cli import run_event_loop
     from secure_runner.runner.server import ModelRunnerServicer, RunnerSettings
     from secure_runner.runner.supervisor import ModelHost
     from secure_runner.v1 import runner_pb2_grpc
@@ -119,7 +120,7 @@ def plain_runner_main(model_id: str, port_file: str) -> None:
         Path(port_file).write_text(str(port))
         await server.wait_for_termination()
 
-    asyncio.run(serve())
+    run_event_loop(serve())  # the same event loop as `secure-runner runner` (uvloop when installed)
 
 
 class Fleet:
