@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import keyword
 import math
 import struct
@@ -219,12 +220,27 @@ def _encode_json(value: Any, limits: CodecLimits) -> bytes:
     return _dump_json(value)
 
 
+# Lone surrogates can only come from \u escapes: only text with one needs the full check.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e999 parses as inf, which JSON cannot carry back
+        raise _invalid(f"JSON number {text[:32]} overflows a double")
+    return value
+
+
 def _decode_json(data: bytes, limits: CodecLimits) -> Any:
     value = json.loads(
-        data.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys
+        data.decode("utf-8"),
+        parse_constant=_reject_constant,
+        parse_float=_finite_float,
+        object_pairs_hook=_unique_keys,
     )
     _check_json_tree(value, limits)
-    _dump_json(value)  # refuse what we could not send back: 1e999 parses as inf, "\ud800"
+    if _SURROGATE_ESCAPE.search(data):
+        _dump_json(value)  # refuse what we could not send back: "\ud800"
     return value
 
 
