@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import keyword
 import math
+import re
 import struct
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -169,8 +169,11 @@ _CONTAINERS = (dict, list, tuple)
 _SCALARS = frozenset({type(None), bool, int, float, str})
 
 
-def _check_json_tree(value: Any, limits: CodecLimits) -> None:
+def _check_json_tree(value: Any, limits: CodecLimits, *, finite: bool = False) -> None:
     """Check nesting depth, str-only keys and a size bound, level by level (no recursion).
+
+    With `finite`, also refuse infinities (a decoded 1e999 is inf, which JSON cannot
+    carry back); `inf in items` scans each container at C speed.
 
     Each container counts for at least len(container) + 1 encoded bytes, so shared
     sub-objects (a = [b, b], b = [c, c], ...) cannot make encoding take exponential
@@ -193,6 +196,8 @@ def _check_json_tree(value: Any, limits: CodecLimits) -> None:
                 if not all(isinstance(key, str) for key in node):
                     raise _invalid("JSON object keys must be str")
                 node = node.values()
+            if finite and (_INFINITY in node or -_INFINITY in node):
+                raise _invalid("JSON number overflows a double")
             if not _SCALARS.issuperset(map(type, node)):  # some item may be a container
                 level.extend(node)
         depth += 1
@@ -224,21 +229,18 @@ def _encode_json(value: Any, limits: CodecLimits) -> bytes:
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):  # 1e999 parses as inf, which JSON cannot carry back
-        raise _invalid(f"JSON number {text[:32]} overflows a double")
-    return value
+_INFINITY = float("inf")
 
 
 def _decode_json(data: bytes, limits: CodecLimits) -> Any:
     value = json.loads(
         data.decode("utf-8"),
         parse_constant=_reject_constant,
-        parse_float=_finite_float,
         object_pairs_hook=_unique_keys,
     )
-    _check_json_tree(value, limits)
+    if value in (_INFINITY, -_INFINITY):  # a top-level 1e999
+        raise _invalid("JSON number overflows a double")
+    _check_json_tree(value, limits, finite=True)
     if _SURROGATE_ESCAPE.search(data):
         _dump_json(value)  # refuse what we could not send back: "\ud800"
     return value
