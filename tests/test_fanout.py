@@ -62,12 +62,12 @@ def fan_out_body(model_ids, method, *args, per_model=None) -> bytes:
 
 
 async def fan_out(client, body, method, audience, timeout=10.0, token=None):
-    stream = client.channel.unary_stream(FANOUT_RPC, response_deserializer=runner_pb2.FanOutResult.FromString)
+    stream = client.channel.unary_stream(FANOUT_RPC, response_deserializer=runner_pb2.FanOutResults.FromString)
     token = token or client.token(body, rpc=FANOUT_RPC, method=method, audience=audience)
     arrived = []
     started = time.monotonic()
-    async for result in stream(body, metadata=((TOKEN_KEY, token),), timeout=timeout):
-        arrived.append((result.model_id, result.response, time.monotonic() - started))
+    async for batch in stream(body, metadata=((TOKEN_KEY, token),), timeout=timeout):
+        arrived += [(result.model_id, result.response, time.monotonic() - started) for result in batch.results]
     return arrived
 
 

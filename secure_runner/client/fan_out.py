@@ -86,10 +86,11 @@ class NodeFlight:
     async def _read(self) -> None:
         failure: Exception = _error(grpc.StatusCode.INTERNAL, "the node ended its stream without this model's result")
         try:
-            async for result in self.call:
-                flight = self.flights.get(result.model_id)
-                if flight is not None:
-                    flight.settle(result.response)
+            async for batch in self.call:
+                for result in batch.results:
+                    flight = self.flights.get(result.model_id)
+                    if flight is not None:
+                        flight.settle(result.response)
         except grpc.aio.AioRpcError as exc:
             failure = exc
         except asyncio.CancelledError:

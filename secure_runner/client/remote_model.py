@@ -168,7 +168,7 @@ class RemoteModel:
         )
         self._setup = self._channel.unary_unary(SETUP_RPC, response_deserializer=runner_pb2.SetupResponse.FromString)
         self._call = self._channel.unary_unary(CALL_RPC, response_deserializer=runner_pb2.CallResponse.FromString)
-        self._fan_out = self._channel.unary_stream(FANOUT_RPC, response_deserializer=runner_pb2.FanOutResult.FromString)
+        self._fan_out = self._channel.unary_stream(FANOUT_RPC, response_deserializer=runner_pb2.FanOutResults.FromString)
         self._health = self._channel.unary_unary(
             HEALTH_CHECK_RPC,
             request_serializer=health_pb2.HealthCheckRequest.SerializeToString,

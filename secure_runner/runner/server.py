@@ -130,8 +130,9 @@ class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
         try:
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    yield runner_pb2.FanOutResult(model_id=tasks[task], response=task.result())
+                yield runner_pb2.FanOutResults(
+                    results=[runner_pb2.FanOutResult(model_id=tasks[task], response=task.result()) for task in done]
+                )
         finally:
             for task in pending:  # the caller went away: its models' calls are cancelled too
                 task.cancel()

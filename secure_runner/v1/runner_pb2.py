@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from secure_runner.v1 import values_pb2 as secure__runner_dot_v1_dot_values__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsecure_runner/v1/runner.proto\x12\x10secure_runner.v1\x1a\x1dsecure_runner/v1/values.proto\"\x95\x01\n\x0cSetupRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62\x61se_classname\x18\x02 \x01(\t\x12-\n\targuments\x18\x03 \x03(\x0b\x32\x1a.secure_runner.v1.Argument\x12,\n\x06kwargs\x18\x04 \x03(\x0b\x32\x1c.secure_runner.v1.KwArgument\"\x90\x01\n\rSetupResponse\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.secure_runner.v1.CallStatus\x12,\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1d.secure_runner.v1.ErrorDetail\x12\x0f\n\x07methods\x18\x03 \x03(\t\x12\x12\n\nclass_name\x18\x04 \x01(\t\"\x8c\x01\n\x0b\x43\x61llRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12-\n\targuments\x18\x03 \x03(\x0b\x32\x1a.secure_runner.v1.Argument\x12,\n\x06kwargs\x18\x04 \x03(\x0b\x32\x1c.secure_runner.v1.KwArgument\"\xaf\x01\n\x0c\x43\x61llResponse\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.secure_runner.v1.CallStatus\x12,\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1d.secure_runner.v1.ErrorDetail\x12)\n\x06output\x18\x03 \x01(\x0b\x32\x19.secure_runner.v1.Variant\x12\x18\n\x10model_latency_us\x18\x04 \x01(\x04\"\xd5\x01\n\rFanOutRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tmodel_ids\x18\x02 \x03(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12-\n\targuments\x18\x04 \x03(\x0b\x32\x1a.secure_runner.v1.Argument\x12,\n\x06kwargs\x18\x05 \x03(\x0b\x32\x1c.secure_runner.v1.KwArgument\x12\x33\n\tper_model\x18\x06 \x03(\x0b\x32 .secure_runner.v1.ModelArguments\"\x7f\n\x0eModelArguments\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12-\n\targuments\x18\x02 \x03(\x0b\x32\x1a.secure_runner.v1.Argument\x12,\n\x06kwargs\x18\x03 \x03(\x0b\x32\x1c.secure_runner.v1.KwArgument\"R\n\x0c\x46\x61nOutResult\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x30\n\x08response\x18\x02 \x01(\x0b\x32\x1e.secure_runner.v1.CallResponse\" \n\x0cResetRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"k\n\rResetResponse\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.secure_runner.v1.CallStatus\x12,\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1d.secure_runner.v1.ErrorDetail*t\n\nCallStatus\x12\x1b\n\x17\x43\x41LL_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41LL_STATUS_SUCCESS\x10\x01\x12\x17\n\x13\x43\x41LL_STATUS_FAILURE\x10\x02\x12\x17\n\x13\x43\x41LL_STATUS_TIMEOUT\x10\x03\x32\xb5\x02\n\x0bModelRunner\x12H\n\x05Setup\x12\x1e.secure_runner.v1.SetupRequest\x1a\x1f.secure_runner.v1.SetupResponse\x12\x45\n\x04\x43\x61ll\x12\x1d.secure_runner.v1.CallRequest\x1a\x1e.secure_runner.v1.CallResponse\x12H\n\x05Reset\x12\x1e.secure_runner.v1.ResetRequest\x1a\x1f.secure_runner.v1.ResetResponse\x12K\n\x06\x46\x61nOut\x12\x1f.secure_runner.v1.FanOutRequest\x1a\x1e.secure_runner.v1.FanOutResult0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsecure_runner/v1/runner.proto\x12\x10secure_runner.v1\x1a\x1dsecure_runner/v1/values.proto\"\x95\x01\n\x0cSetupRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62\x61se_classname\x18\x02 \x01(\t\x12-\n\targuments\x18\x03 \x03(\x0b\x32\x1a.secure_runner.v1.Argument\x12,\n\x06kwargs\x18\x04 \x03(\x0b\x32\x1c.secure_runner.v1.KwArgument\"\x90\x01\n\rSetupResponse\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.secure_runner.v1.CallStatus\x12,\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1d.secure_runner.v1.ErrorDetail\x12\x0f\n\x07methods\x18\x03 \x03(\t\x12\x12\n\nclass_name\x18\x04 \x01(\t\"\x8c\x01\n\x0b\x43\x61llRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12-\n\targuments\x18\x03 \x03(\x0b\x32\x1a.secure_runner.v1.Argument\x12,\n\x06kwargs\x18\x04 \x03(\x0b\x32\x1c.secure_runner.v1.KwArgument\"\xaf\x01\n\x0c\x43\x61llResponse\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.secure_runner.v1.CallStatus\x12,\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1d.secure_runner.v1.ErrorDetail\x12)\n\x06output\x18\x03 \x01(\x0b\x32\x19.secure_runner.v1.Variant\x12\x18\n\x10model_latency_us\x18\x04 \x01(\x04\"\xd5\x01\n\rFanOutRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tmodel_ids\x18\x02 \x03(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12-\n\targuments\x18\x04 \x03(\x0b\x32\x1a.secure_runner.v1.Argument\x12,\n\x06kwargs\x18\x05 \x03(\x0b\x32\x1c.secure_runner.v1.KwArgument\x12\x33\n\tper_model\x18\x06 \x03(\x0b\x32 .secure_runner.v1.ModelArguments\"\x7f\n\x0eModelArguments\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12-\n\targuments\x18\x02 \x03(\x0b\x32\x1a.secure_runner.v1.Argument\x12,\n\x06kwargs\x18\x03 \x03(\x0b\x32\x1c.secure_runner.v1.KwArgument\"R\n\x0c\x46\x61nOutResult\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x30\n\x08response\x18\x02 \x01(\x0b\x32\x1e.secure_runner.v1.CallResponse\"@\n\rFanOutResults\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.secure_runner.v1.FanOutResult\" \n\x0cResetRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"k\n\rResetResponse\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.secure_runner.v1.CallStatus\x12,\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1d.secure_runner.v1.ErrorDetail*t\n\nCallStatus\x12\x1b\n\x17\x43\x41LL_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41LL_STATUS_SUCCESS\x10\x01\x12\x17\n\x13\x43\x41LL_STATUS_FAILURE\x10\x02\x12\x17\n\x13\x43\x41LL_STATUS_TIMEOUT\x10\x03\x32\xb6\x02\n\x0bModelRunner\x12H\n\x05Setup\x12\x1e.secure_runner.v1.SetupRequest\x1a\x1f.secure_runner.v1.SetupResponse\x12\x45\n\x04\x43\x61ll\x12\x1d.secure_runner.v1.CallRequest\x1a\x1e.secure_runner.v1.CallResponse\x12H\n\x05Reset\x12\x1e.secure_runner.v1.ResetRequest\x1a\x1f.secure_runner.v1.ResetResponse\x12L\n\x06\x46\x61nOut\x12\x1f.secure_runner.v1.FanOutRequest\x1a\x1f.secure_runner.v1.FanOutResults0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'secure_runner.v1.runner_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CALLSTATUS']._serialized_start=1274
-  _globals['_CALLSTATUS']._serialized_end=1390
+  _globals['_CALLSTATUS']._serialized_start=1340
+  _globals['_CALLSTATUS']._serialized_end=1456
   _globals['_SETUPREQUEST']._serialized_start=83
   _globals['_SETUPREQUEST']._serialized_end=232
   _globals['_SETUPRESPONSE']._serialized_start=235
@@ -48,10 +48,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELARGUMENTS']._serialized_end=1045
   _globals['_FANOUTRESULT']._serialized_start=1047
   _globals['_FANOUTRESULT']._serialized_end=1129
-  _globals['_RESETREQUEST']._serialized_start=1131
-  _globals['_RESETREQUEST']._serialized_end=1163
-  _globals['_RESETRESPONSE']._serialized_start=1165
-  _globals['_RESETRESPONSE']._serialized_end=1272
-  _globals['_MODELRUNNER']._serialized_start=1393
-  _globals['_MODELRUNNER']._serialized_end=1702
+  _globals['_FANOUTRESULTS']._serialized_start=1131
+  _globals['_FANOUTRESULTS']._serialized_end=1195
+  _globals['_RESETREQUEST']._serialized_start=1197
+  _globals['_RESETREQUEST']._serialized_end=1229
+  _globals['_RESETRESPONSE']._serialized_start=1231
+  _globals['_RESETRESPONSE']._serialized_end=1338
+  _globals['_MODELRUNNER']._serialized_start=1459
+  _globals['_MODELRUNNER']._serialized_end=1769
 # @@protoc_insertion_point(module_scope)

@@ -101,6 +101,12 @@ class FanOutResult(_message.Message):
     response: CallResponse
     def __init__(self, model_id: _Optional[str] = ..., response: _Optional[_Union[CallResponse, _Mapping]] = ...) -> None: ...
 
+class FanOutResults(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[FanOutResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[FanOutResult, _Mapping]]] = ...) -> None: ...
+
 class ResetRequest(_message.Message):
     __slots__ = ("model_id",)
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]

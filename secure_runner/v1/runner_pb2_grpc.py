@@ -52,7 +52,7 @@ class ModelRunnerStub:
         self.FanOut = channel.unary_stream(
                 '/secure_runner.v1.ModelRunner/FanOut',
                 request_serializer=secure__runner_dot_v1_dot_runner__pb2.FanOutRequest.SerializeToString,
-                response_deserializer=secure__runner_dot_v1_dot_runner__pb2.FanOutResult.FromString,
+                response_deserializer=secure__runner_dot_v1_dot_runner__pb2.FanOutResults.FromString,
                 _registered_method=True)
 
 
@@ -84,7 +84,8 @@ class ModelRunnerServicer:
     def FanOut(self, request, context):
         """Call one method on several models this runner hosts (a model node): one
         request, one token check, each model in its own worker under its own
-        deadline, each result streamed back as soon as it is ready.
+        deadline, each result streamed back as soon as it is ready (results ready
+        at the same moment travel in one message).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,7 +112,7 @@ def add_ModelRunnerServicer_to_server(servicer, server):
             'FanOut': grpc.unary_stream_rpc_method_handler(
                     servicer.FanOut,
                     request_deserializer=secure__runner_dot_v1_dot_runner__pb2.FanOutRequest.FromString,
-                    response_serializer=secure__runner_dot_v1_dot_runner__pb2.FanOutResult.SerializeToString,
+                    response_serializer=secure__runner_dot_v1_dot_runner__pb2.FanOutResults.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,7 +222,7 @@ class ModelRunner:
             target,
             '/secure_runner.v1.ModelRunner/FanOut',
             secure__runner_dot_v1_dot_runner__pb2.FanOutRequest.SerializeToString,
-            secure__runner_dot_v1_dot_runner__pb2.FanOutResult.FromString,
+            secure__runner_dot_v1_dot_runner__pb2.FanOutResults.FromString,
             options,
             channel_credentials,
             insecure,
