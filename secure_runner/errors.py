@@ -74,6 +74,7 @@ class ErrorCode(StrEnum):
     MODEL_TIMEOUT = "MODEL_TIMEOUT"
     WORKER_CRASHED = "WORKER_CRASHED"
     WORKER_PROTOCOL = "WORKER_PROTOCOL"
+    MODEL_RESTARTING = "MODEL_RESTARTING"
     MEMORY_LIMIT = "MEMORY_LIMIT"  # killed by its cgroup memory limit, or over its address-space limit
     CPU_LIMIT = "CPU_LIMIT"  # used up its CPU seconds (RLIMIT_CPU)
     # The runner could not give the worker a required sandbox layer: the host's fault, not the model's.

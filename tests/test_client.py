@@ -240,3 +240,12 @@ async def test_sync_applies_live_membership_changes(layout, own_orchestrator):
         sync.cancel()
         await asyncio.gather(sync, return_exceptions=True)
         await runner.close()
+
+
+def test_a_fault_already_reported_is_not_counted_again():
+    """The runner's MODEL_RESTARTING (tests/test_sandbox.py shows it sent) blames no model, and cools it down."""
+    from secure_runner.client.results import RESTARTING_FAULTS, Fault, fault_of
+
+    assert fault_of(CallStatus.FAILURE, ErrorCode.MODEL_RESTARTING) is Fault.INFRASTRUCTURE
+    assert fault_of(CallStatus.FAILURE, ErrorCode.WORKER_CRASHED) is Fault.MODEL
+    assert ErrorCode.MODEL_RESTARTING in RESTARTING_FAULTS

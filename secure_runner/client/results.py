@@ -19,6 +19,8 @@ model's own faults count toward disconnecting it:
     reconnecting (then nothing was sent);
   - COOLING_DOWN: skipped, nothing sent: the model's worker is being replaced after a
     fault, until its runner's health service says the model serves again;
+  - MODEL_RESTARTING: the runner answered that the worker is still being replaced
+    after a fault it already reported (the fault was counted then, not again);
   - MODEL_UNAVAILABLE: a model id asked for that is not running now (never listed,
     starting, recovering, stopped, or disconnected by the limits); nothing sent;
   - MESSAGE_TOO_LARGE: the answer is over the gRPC message cap;
@@ -88,6 +90,7 @@ MODEL_FAULTS = frozenset(
 # Outcomes after which the runner replaces the model's worker: the model cools down until it serves again.
 RESTARTING_FAULTS = frozenset(
     {
+        ErrorCode.MODEL_RESTARTING,
         ErrorCode.MODEL_TIMEOUT,
         ErrorCode.WORKER_CRASHED,
         ErrorCode.WORKER_PROTOCOL,

@@ -360,7 +360,8 @@ class ModelHost:
         """Under the lock: make sure a live worker exists and has the last Setup applied."""
         if self._process is not None and self._process.returncode is None:
             return
-        if self._process is not None:  # died between requests
+        first_to_hear = self._process is not None
+        if first_to_hear:  # died between requests: this call reports the cause
             process, self._process = self._process, None
             code, message = await process.cause()
             self._record_failure(code, message)
@@ -368,6 +369,8 @@ class ModelHost:
         wait = self._retry_at - time.monotonic()
         if wait > 0:
             code, message = self._last_failure
+            if not first_to_hear:  # the cause was reported once already: do not blame the model again
+                code, message = ErrorCode.MODEL_RESTARTING, f"worker being replaced after {code}: {message}"
             raise WorkerGone(code, f"{message}; worker restarts in {wait:.1f} s")
         try:
             await self._start_worker()
