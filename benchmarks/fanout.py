@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import statistics
 import subprocess
@@ -38,6 +37,7 @@ sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
 import reference_harness  # noqa: E402
+from procstat import cpu_seconds, descendants, rss_mb  # noqa: E402
 
 from secure_runner import (  # noqa: E402
     Argument,
@@ -56,44 +56,6 @@ SUBMISSION = BENCH / "reference_model" / "submission"
 BASE_CLASS = "refbench.base.EchoBase"
 PAYLOAD = reference_harness.default_payload()
 ECHO_RPC = "/bench.Echo/Echo"
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-# -- process accounting ----------------------------------------------------------------------
-
-
-def _stat(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-
-
-def descendants(root: int) -> list[int]:
-    """Every live process below `root` (runners, their workers)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (fields := _stat(int(entry))):
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    return sum((int(f[11]) + int(f[12])) / TICK for pid in pids if (f := _stat(pid)))
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def summarize(times: list[float], calls: int, client_cpu: float, server_cpu: float) -> dict:

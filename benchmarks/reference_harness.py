@@ -46,6 +46,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from procstat import cpu_seconds, rss_mb
+
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_VENV = BENCH_DIR / ".reference-venv"
 DRIVER = BENCH_DIR / "_reference_driver.py"
@@ -202,27 +204,6 @@ def ensure_reference_venv(path: Path = DEFAULT_VENV) -> Path:
             "python": sys.version.split()[0],
         }, indent=1))
     return path
-
-
-# -- /proc readings ------------------------------------------------------------------------------
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # fields[0] is field 3 (state); utime/stime are fields 14/15
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 # -- process plumbing ----------------------------------------------------------------------------
@@ -426,13 +407,13 @@ def run_reference(
         _, warm = reader.expect({"WARM"}, timeout=60 + warmup * (n_models * 0.05 + 1), watch=watch_runners)
 
         runner_pids = [p.pid for p in runners]
-        cpu_before = sum(_cpu_seconds(pid) for pid in runner_pids)
+        cpu_before = cpu_seconds(runner_pids)
         driver.stdin.write(b"GO\n")
         driver.stdin.flush()
         _, done = reader.expect({"DONE"}, timeout=120 + rounds * (n_models * 0.05 + 1 + interval_s),
                                 watch=watch_runners)
-        cpu_after = sum(_cpu_seconds(pid) for pid in runner_pids)
-        rss = [_rss_mb(pid) for pid in runner_pids]
+        cpu_after = cpu_seconds(runner_pids)
+        rss = [rss_mb(pid) for pid in runner_pids]
         watch_runners()
 
         samples_ms = [s * 1000.0 for s in done["samples_s"]]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,9 @@ import grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from procstat import cpu_seconds  # noqa: E402
 
 from secure_runner import codec, pki  # noqa: E402
 from secure_runner.client.security import CallSigner, CoordinatorSecurity  # noqa: E402
@@ -152,12 +154,7 @@ class Fleet:
                 self.ports.append(int(proc.stdout.readline().split()[1]))
 
     def cpu_seconds(self) -> float:
-        total = 0.0
-        for proc in self.procs:
-            with open(f"/proc/{proc.pid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return total
+        return cpu_seconds([proc.pid for proc in self.procs])
 
     def stop(self) -> None:
         for proc in self.procs:

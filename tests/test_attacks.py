@@ -26,7 +26,6 @@ from secure_runner.errors import ErrorCode
 from secure_runner.orchestrator.local import LocalOrchestrator, LocalOrchestratorSettings
 from secure_runner.orchestrator.service import REPORT_RPC
 from secure_runner.smp.identity import PeerIdentity, Role
-from secure_runner.smp.registry import Registry
 from secure_runner.smp.token import model_id_field
 from secure_runner.transport import tls
 from secure_runner.transport.status import TOKEN_KEY

@@ -16,7 +16,7 @@ from nacl.signing import SigningKey
 
 from secure_runner.errors import ErrorCode
 from secure_runner.smp.token import model_id_field
-from secure_runner.transport.status import TOKEN_KEY, reason_of
+from secure_runner.transport.status import TOKEN_KEY
 from secure_runner.v1 import runner_pb2
 
 from conftest import CALL_RPC, RawCoordinator, assert_refused, credentials
