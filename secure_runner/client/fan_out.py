@@ -65,8 +65,9 @@ class ModelFlight:
             self.ended = time.perf_counter()
             self.future.set_result(outcome)
 
-    async def outcome(self) -> runner_pb2.CallResponse | Exception:
-        return await self.future
+    def outcome(self) -> asyncio.Future:
+        """The model's CallResponse, or what went wrong; a plain future, so gathering costs no task."""
+        return self.future
 
 
 class NodeFlight:
