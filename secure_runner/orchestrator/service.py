@@ -26,8 +26,8 @@ from secure_runner.transport import tls
 from secure_runner.transport.audit_log import AuditLog
 from secure_runner.transport.registry_file import RegistryFile
 from secure_runner.transport.status import abort
-from secure_runner.transport.tls import PeerCertificates
-from secure_runner.transport.token_auth import ANONYMOUS, AuditSink, TokenAuthInterceptor
+from secure_runner.transport.tls import PeerCertificates, peer_name
+from secure_runner.transport.token_auth import AuditSink, TokenAuthInterceptor
 from secure_runner.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         self._peers = PeerCertificates()
 
     async def _authorize_watcher(self, request, context, peer) -> None:
-        who = peer.spiffe_ids[0] if peer and len(peer.spiffe_ids) == 1 else ANONYMOUS
+        who = peer_name(peer)
         try:
             if peer is None:
                 raise AuthError(ErrorCode.PEER_UNAUTHENTICATED, "no client certificate")
@@ -104,7 +104,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     async def WatchModels(self, request, context):
         peer = self._peers.from_auth_context(context.auth_context())
         await self._authorize_watcher(request, context, peer)
-        self._audit.record(decision="allow", code="OK", who=peer.spiffe_ids[0], what={"rpc": WATCH_RPC})
+        self._audit.record(decision="allow", code="OK", who=peer_name(peer), what={"rpc": WATCH_RPC})
         snapshot = self._board.snapshot()
         while True:
             yield snapshot
@@ -122,7 +122,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         self._audit.record(
             decision="allow",
             code="FAILURE_REPORTED",
-            who=self._peers.from_auth_context(context.auth_context()).spiffe_ids[0],
+            who=peer_name(self._peers.from_auth_context(context.auth_context())),
             what={"rpc": REPORT_RPC, "model": request.model_id, "deployment": request.deployment_id,
                   "reason": request.reason[:64]},
         )

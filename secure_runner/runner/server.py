@@ -68,12 +68,13 @@ class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
         self._hosts = hosts
         self._settings = settings
         self._audit = audit
+        self._peers = tls.PeerCertificates()
 
     def _audit_refusal(self, context, error: SecureRunnerError, rpc: str, model_id: str, method: str) -> None:
         self._audit.record(
             decision="deny",
             code=error.code,
-            who=_peer_id(context),
+            who=tls.peer_name(self._peers.from_auth_context(context.auth_context())),
             what={"rpc": rpc, "model": model_id[:64], "method": method[:64]},
         )
 
@@ -153,11 +154,6 @@ class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
         host = await self._host(request.model_id, context, "Reset", request)
         await host.reset()
         return runner_pb2.ResetResponse(status=runner_pb2.CALL_STATUS_SUCCESS)
-
-
-def _peer_id(context) -> str:
-    uris = context.auth_context().get("peer_spiffe_id") or [b"anonymous"]
-    return uris[0].decode(errors="replace")
 
 
 class RunnerServer:

@@ -240,10 +240,18 @@ def pem_to_der(pem: bytes) -> bytes:
     return x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
 
 
+ANONYMOUS = "anonymous"
+
+
 @dataclass(frozen=True)
 class PeerCertificate:
     spiffe_ids: tuple[str, ...]
     sha256: str
+
+
+def peer_name(peer: PeerCertificate | None) -> str:
+    """How logs and the audit trail name a peer: its one SPIFFE id, else "anonymous"."""
+    return peer.spiffe_ids[0] if peer is not None and len(peer.spiffe_ids) == 1 else ANONYMOUS
 
 
 class PeerCertificates:

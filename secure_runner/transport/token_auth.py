@@ -23,12 +23,9 @@ from secure_runner.smp import rules
 from secure_runner.smp.registry import Registry
 from secure_runner.smp.replay import ReplayCache
 from secure_runner.transport.status import TOKEN_KEY, abort
-from secure_runner.transport.tls import PeerCertificates
+from secure_runner.transport.tls import PeerCertificates, peer_name
 
 log = logging.getLogger(__name__)
-
-ANONYMOUS = "anonymous"
-
 
 class AuditSink(Protocol):
     def record(self, *, decision: str, code: str, who: str, what: dict[str, str]) -> None: ...
@@ -92,7 +89,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         """The parsed request if SMP-1..14 pass; otherwise audit, abort with the reason code."""
         tokens = [v for k, v in context.invocation_metadata() or () if k == TOKEN_KEY]
         peer = self._peers.from_auth_context(context.auth_context())
-        who = peer.spiffe_ids[0] if peer and len(peer.spiffe_ids) == 1 else ANONYMOUS
+        who = peer_name(peer)
         try:
             if peer is None:
                 raise AuthError(ErrorCode.PEER_UNAUTHENTICATED, "no client certificate")
