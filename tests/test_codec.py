@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import enum
 import io
+import json
 import math
 import pickle
 import struct
 import subprocess
 import sys
+import uuid
 from typing import Any
 
 import numpy as np
@@ -226,6 +231,95 @@ def test_json_encode_refuses_non_json(value: Any) -> None:
 )  # fmt: skip
 def test_json_decode_refuses(data: bytes) -> None:
     refused(ErrorCode.INVALID_VALUE, decode_data, V.JSON, data)
+
+
+@dataclasses.dataclass
+class _Point:
+    x: int
+
+
+class _Colour(enum.Enum):
+    RED = 1
+
+
+@pytest.mark.parametrize(
+    "value",
+    [[datetime.datetime(2026, 1, 1)], [datetime.date(2026, 1, 1)], [uuid.UUID(int=1)], [_Point(1)], [_Colour.RED],
+     {"a": [math.nan]}, [1, [2, [math.inf]]]],
+)  # fmt: skip
+def test_json_encode_refuses_what_only_orjson_would_take(value: Any) -> None:
+    """orjson encodes these (or writes NaN as null): the codec must still refuse them."""
+    refused(ErrorCode.INVALID_VALUE, encode_data, V.JSON, value)
+
+
+class _Name(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    "value",
+    [[np.float64(1.5), np.float64(-0.0)], {_Name("k"): _Name("v")}, [enum.IntEnum("N", "ONE").ONE], [2**64, -(2**63) - 1],
+     [None, 1.0], {"a": None}],
+)  # fmt: skip
+def test_json_encode_falls_back_to_json_for_what_orjson_reads_differently(value: Any) -> None:
+    """Subclasses, big ints and nulls take the `json` path: same bytes as `json` itself writes."""
+    assert encode_data(V.JSON, value) == json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _strict_loads(data: bytes) -> Any:
+    def constant(name: str) -> Any:
+        raise ValueError(name)
+
+    def unique(pairs: list) -> dict:
+        if len(dict(pairs)) != len(pairs):
+            raise ValueError("duplicate keys")
+        return dict(pairs)
+
+    return json.loads(data.decode("utf-8"), parse_constant=constant, object_pairs_hook=unique)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values of equal types all the way down (1 is not 1.0, -0.0 is not 0.0)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, float):
+        return a == b and math.copysign(1, a) == math.copysign(1, b)
+    return a == b
+
+
+def _assert_decodes_like_json(data: bytes) -> None:
+    try:
+        expected = _strict_loads(data)
+    except (ValueError, RecursionError):
+        expected = None
+        decode_or_codec_error(V.JSON, data)
+    if expected is None:
+        return
+    try:
+        got = decode_data(V.JSON, data)
+    except CodecError:
+        return  # refused by a later rule (infinity, lone surrogate, depth), on either parse
+    assert _same(got, expected), (data, got, expected)
+
+
+number_text = st.from_regex(r"-?(0|[1-9][0-9]{0,25})(\.[0-9]{1,25})?([eE][+-]?[0-9]{1,3})?", fullmatch=True)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(number_text | st.sampled_from(["true", "false", "null", '"a"', '"\\u00e9"', "[]"]), max_size=8))
+def test_fuzz_json_numbers_decode_exactly_as_json_does(items: list[str]) -> None:
+    """orjson reads arrays of numbers: every value, type and sign must be what `json` reads."""
+    _assert_decodes_like_json(("[" + ",".join(items) + "]").encode())
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.text(alphabet='[]",:0123456789.eE+-tfnulNaIiy\\ \t\n\x0b\x00é\ud800', max_size=60))
+def test_fuzz_json_text_decodes_exactly_as_json_does(text: str) -> None:
+    _assert_decodes_like_json(text.encode("utf-8", "surrogatepass"))
 
 
 def nested(depth: int, leaf: Any = 0) -> Any:
