@@ -357,6 +357,7 @@ _CODECS: dict[int, tuple[_Encoder, _Decoder] | None] = {
     VariantType.PARQUET: None,  # reserved
     VariantType.ARROW: None,  # reserved
 }
+_NAMES = {variant_type: VariantType.Name(variant_type) for variant_type in _CODECS}
 
 
 def _codec(variant_type: Any) -> tuple[str, tuple[_Encoder, _Decoder]]:
@@ -366,7 +367,7 @@ def _codec(variant_type: Any) -> tuple[str, tuple[_Encoder, _Decoder]]:
         or variant_type not in _CODECS
     ):
         raise CodecError(ErrorCode.UNSUPPORTED_TYPE, f"unknown variant type {variant_type!r}")
-    name = VariantType.Name(variant_type)
+    name = _NAMES[variant_type]
     codec = _CODECS[variant_type]
     if codec is None:
         raise CodecError(ErrorCode.UNSUPPORTED_TYPE, f"{name} values are not supported yet")

@@ -8,6 +8,7 @@ overall service "": a model is SERVING only while its worker is up and set up
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from pathlib import Path
 
@@ -111,8 +112,10 @@ class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
     async def FanOut(self, request, context):
         """Call every requested model concurrently; yield each result as soon as it is ready.
 
-        A model this runner does not host, or a method its base class does not declare,
-        is a FAILURE result for that model (audited), never the end of the stream.
+        Results that finish while the previous batch is being sent go out together in
+        the next one. A model this runner does not host, or a method its base class
+        does not declare, is a FAILURE result for that model (audited), never the end
+        of the stream; so is a bug in serving one model (INTERNAL).
         """
         if request.node_id != self._settings.node_id:
             error = RequestError(ErrorCode.MODEL_UNKNOWN, f"this runner is node {self._settings.node_id!r}")
@@ -120,22 +123,34 @@ class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
             await abort(context, error)
         timeout = self._call_timeout(context)
         per_model = {m.model_id: m for m in request.per_model}
-        tasks: dict[asyncio.Task, str] = {}
+        finished: list[runner_pb2.FanOutResult] = []
+        news = asyncio.Event()
+
+        def collect(model_id: str, task: asyncio.Task) -> None:
+            if task.cancelled():  # only once the stream has ended: nobody would read it
+                return
+            finished.append(runner_pb2.FanOutResult(model_id=model_id, response=_outcome(model_id, task)))
+            news.set()
+
+        tasks = []
         for model_id in dict.fromkeys(request.model_ids):
             arguments = per_model.get(model_id, request)
             call = runner_pb2.CallRequest(
                 model_id=model_id, method=request.method, arguments=arguments.arguments, kwargs=arguments.kwargs
             )
-            tasks[asyncio.ensure_future(self._fan_out_one(call, timeout, context))] = model_id
-        pending = set(tasks)
+            task = asyncio.ensure_future(self._fan_out_one(call, timeout, context))
+            task.add_done_callback(functools.partial(collect, model_id))
+            tasks.append(task)
+        remaining = len(tasks)
         try:
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                yield runner_pb2.FanOutResults(
-                    results=[runner_pb2.FanOutResult(model_id=tasks[task], response=task.result()) for task in done]
-                )
+            while remaining:
+                await news.wait()
+                news.clear()
+                batch, finished[:] = finished[:], []
+                remaining -= len(batch)
+                yield runner_pb2.FanOutResults(results=batch)
         finally:
-            for task in pending:  # the caller went away: its models' calls are cancelled too
+            for task in tasks:  # the caller went away: its models' calls are cancelled too
                 task.cancel()
 
     async def _fan_out_one(self, request, timeout: float, context) -> runner_pb2.CallResponse:
@@ -154,6 +169,17 @@ class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
         host = await self._host(request.model_id, context, "Reset", request)
         await host.reset()
         return runner_pb2.ResetResponse(status=runner_pb2.CALL_STATUS_SUCCESS)
+
+
+def _outcome(model_id: str, task: asyncio.Task) -> runner_pb2.CallResponse:
+    """A finished fan-out task's response; a task that hit a bug still answers (INTERNAL)."""
+    if task.exception() is None:
+        return task.result()
+    log.error("fan-out call of model %s ended without a response: %r", model_id, task.exception())
+    return runner_pb2.CallResponse(
+        status=runner_pb2.CALL_STATUS_FAILURE,
+        error=values_pb2.ErrorDetail(code=ErrorCode.INTERNAL, message="the runner could not serve this call"),
+    )
 
 
 class RunnerServer:
