@@ -115,7 +115,7 @@ async def test_chaos_rounds(tmp_path):
 
             for round_no, (acts, targets) in enumerate(plan):
                 if round_no in REDEPLOY_ROUNDS:
-                    assert orchestrator.redeploy(REDEPLOYED)
+                    assert await orchestrator.redeploy(REDEPLOYED)
                     await back_as_new_deployment(REDEPLOYED)
                 assert await client.ready(20), (round_no, client.states)
                 killed_now = round_no in KILL_ROUNDS
