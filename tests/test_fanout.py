@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 
@@ -137,6 +138,19 @@ async def test_a_fan_out_for_another_node_is_refused(client):
 
 
 # -- the client and the orchestrator over model nodes ----------------------------------------
+
+
+def test_by_default_the_orchestrator_packs_one_node_per_cpu_core():
+    from secure_runner.orchestrator.local import pack
+
+    model_ids = [f"model-{i}" for i in range(50)]
+    cores = os.cpu_count() or 1
+    nodes = pack(model_ids, None)
+    assert pack(model_ids, 0) == nodes and len(nodes) <= cores  # 2 nodes of 25 on 2 cores
+    assert [m for node in nodes.values() for m in node] == model_ids
+    assert max(map(len, nodes.values())) == -(-50 // cores)  # ceil(models / cores) per node
+    assert pack(model_ids, 1) == {m: [m] for m in model_ids}  # a runner per model, named after it
+    assert pack(["alone"], None) == {"alone": ["alone"]}
 
 
 async def test_client_reaches_packed_models_with_one_fan_out_per_node(layout, tmp_path):

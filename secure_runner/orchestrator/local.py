@@ -4,10 +4,11 @@ Each subfolder of `submissions` is one submission whose folder name is its
 model id; only models present in the registry are started (their names and
 cruncher come from the registry, never from the untrusted folder). Models are
 packed `models_per_node` to a runner process (a model node; each model still in
-its own sandboxed worker); with one per node, the node is named after its model.
-Each runner gets its own certificate for `spiffe://<crunch>/runner/<node-id>`,
-listens on a loopback port of its choosing and reports it on stdout
-(`READY <port>`).
+its own sandboxed worker); by default one node per CPU core, so a node's models
+share its event loop instead of each paying for a process of its own. With one
+model per node, the node is named after its model. Each runner gets its own
+certificate for `spiffe://<crunch>/runner/<node-id>`, listens on a loopback
+port of its choosing and reports it on stdout (`READY <port>`).
 
 Each node has a supervisor that keeps its runner up and marks its models' states
 on the board: STARTING (a first start, or a redeploy), RUNNING, RECOVERING (the
@@ -35,6 +36,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import os
 import secrets
 import sys
 import time
@@ -78,8 +81,9 @@ class LocalOrchestratorSettings:
     restart_backoff_first: float = 0.5
     restart_backoff_max: float = 30.0
     stable_seconds: float = 30.0  # a runner up this long resets the backoff
-    # Models per runner process (a model node, reached with one FanOut per call); 1: a runner per model.
-    models_per_node: int = 1
+    # Models per runner process (a model node, reached with one FanOut per call); 1: a runner per model;
+    # None or 0: one node per CPU core (see `pack`).
+    models_per_node: int | None = None
 
     @property
     def audit_folder(self) -> Path:
@@ -133,13 +137,17 @@ class _Node:
     control: asyncio.Lock = field(default_factory=asyncio.Lock)  # one command to the runner at a time
 
 
-def pack(model_ids: list[str], models_per_node: int) -> dict[str, list[str]]:
-    """Node id -> model ids. One model per node keeps the model's own id as the node id."""
-    if models_per_node <= 1:
+def pack(model_ids: list[str], models_per_node: int | None) -> dict[str, list[str]]:
+    """Node id -> model ids. One model per node keeps the model's own id as the node id.
+
+    None or 0 packs ceil(models / CPU cores) per node: one runner per core.
+    """
+    per_node = models_per_node or max(1, math.ceil(len(model_ids) / (os.cpu_count() or 1)))
+    if per_node <= 1:
         return {model_id: [model_id] for model_id in model_ids}
     return {
-        f"node-{index}": model_ids[start : start + models_per_node]
-        for index, start in enumerate(range(0, len(model_ids), models_per_node))
+        f"node-{index}": model_ids[start : start + per_node]
+        for index, start in enumerate(range(0, len(model_ids), per_node))
     }
 
 
