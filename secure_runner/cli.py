@@ -24,8 +24,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
-async def _serve_until_signalled(make_server) -> None:
-    """Build the server inside the running loop (grpc.aio binds to it), serve until SIGINT/SIGTERM."""
+async def _serve_until_signalled(make_server, control=None) -> None:
+    """Build the server inside the running loop (grpc.aio binds to it), serve until SIGINT/SIGTERM.
+
+    `control(server)`, if given, runs once the server is ready; its end stops the server too.
+    """
     server = make_server()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -33,6 +36,9 @@ async def _serve_until_signalled(make_server) -> None:
         loop.add_signal_handler(sig, stop.set)
     port = await server.start()
     print(f"READY {port}", flush=True)
+    if control is not None:
+        controlling = asyncio.create_task(control(server))
+        controlling.add_done_callback(lambda _task: stop.set())
     await stop.wait()
     await server.stop()
 
@@ -50,7 +56,7 @@ def run_event_loop(main) -> None:
 
 def _runner(args: argparse.Namespace) -> int:
     from secure_runner import pki
-    from secure_runner.runner import lifetime
+    from secure_runner.runner import control, lifetime
     from secure_runner.runner.server import RunnerServer, RunnerSettings
     from secure_runner.runner.sandbox import options as sandbox_options
     from secure_runner.smp.rules import TimePolicy
@@ -86,7 +92,8 @@ def _runner(args: argparse.Namespace) -> int:
         limits=sandbox_options.limits_from(args),
         sandbox=sandbox_options.policy_from(args),
     )
-    run_event_loop(_serve_until_signalled(lambda: RunnerServer(settings)))
+    serve_control = control.serve if args.control_stdin else None
+    run_event_loop(_serve_until_signalled(lambda: RunnerServer(settings), serve_control))
     return 0
 
 
@@ -161,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     runner.add_argument("--max-token-lifetime", type=int, default=60, help="seconds")
     runner.add_argument("--handshake-timeout-ms", type=int, default=5_000)
     runner.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    # Per-model STOP / REDEPLOY commands from the parent on stdin; its end of file stops the runner.
+    runner.add_argument("--control-stdin", action="store_true", help=argparse.SUPPRESS)
     _add_sandbox_flags(runner)
     _add_common(runner)
     runner.set_defaults(func=_runner)
@@ -172,8 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     orch.add_argument("--base-path", type=Path, action="append", default=[])
     orch.add_argument("--audit-dir", type=Path, default=None, help="default: `audit` beside the PKI folder")
     orch.add_argument(
-        "--models-per-node", type=int, default=1,
-        help="models hosted by one runner process, each in its own sandboxed worker (default 1)",
+        "--models-per-node", type=int, default=0,
+        help="models hosted by one runner process, each in its own sandboxed worker "
+        "(default 0 = auto: one runner per CPU core; 1 = a runner per model)",
     )
     orch.add_argument("--host", default="127.0.0.1")
     orch.add_argument("--port", type=int, default=0)

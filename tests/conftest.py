@@ -61,10 +61,14 @@ def other_layout(tmp_path_factory) -> pki.PkiLayout:
 
 
 class RunnerProcess:
-    """A real `secure-runner runner` subprocess hosting one submission."""
+    """A real `secure-runner runner` subprocess hosting one submission.
+
+    With `control`, the test holds the runner's control pipe (`--control-stdin`): see `command`.
+    """
 
     def __init__(
-        self, layout: pki.PkiLayout, model_id: str, submission: Path | None = None, *extra_args: str
+        self, layout: pki.PkiLayout, model_id: str, submission: Path | None = None, *extra_args: str,
+        control: bool = False,
     ) -> None:
         self.model_id = model_id
         self.audit_log = layout.root.parent / f"audit-{model_id}-{time.monotonic_ns()}.jsonl"
@@ -79,16 +83,24 @@ class RunnerProcess:
             "--log-level", "INFO",
             "--audit-log", str(self.audit_log),
             "--exit-with-parent",
+            *(["--control-stdin"] if control else []),
             *extra_args,
         ]
         self.started_at = time.time()
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        stdin = subprocess.PIPE if control else None
+        self.proc = subprocess.Popen(command, stdin=stdin, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if not line.startswith("READY "):
             self.proc.kill()
             raise RuntimeError(f"runner did not start: {line!r}")
         self.port = int(line.split()[1])
         self.address = f"127.0.0.1:{self.port}"
+
+    def command(self, line: bytes) -> str:
+        """Write one raw line to the runner's control pipe; its answer line."""
+        self.proc.stdin.buffer.write(line + b"\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().rstrip("\n")
 
     def audit_entries(self) -> list[dict]:
         return [json.loads(line) for line in self.audit_log.read_text().splitlines()]

@@ -385,7 +385,9 @@ async def test_runner_identity_failure_blames_that_model_only_and_sends_it_nothi
         (submissions / model_id).symlink_to(MODELS / "submissions" / model_id)
     orchestrator_class = ImpostorOrchestrator if attack == "undelegated-tls-key" else LocalOrchestrator
     orchestrator = orchestrator_class(
-        LocalOrchestratorSettings(crunch_id=CRUNCH, submissions=submissions, pki_dir=private.root, base_paths=[BASE_PATH])
+        LocalOrchestratorSettings(  # a runner per model: only the counter's runner is the impostor
+            crunch_id=CRUNCH, submissions=submissions, pki_dir=private.root, base_paths=[BASE_PATH], models_per_node=1
+        )
     )
     port = await orchestrator.start()
     # The coordinator trusts the registry of the real PKI, not anything the orchestrator says.

@@ -97,7 +97,8 @@ async def test_chaos_rounds(tmp_path):
     referee = Referee()
     seen = Counter()
     slowest = 0.0
-    async with orchestrating(layout, tmp_path, models, restart_backoff_first=0.25) as orchestrator:
+    # A runner per model: killing one from outside must disturb that model only.
+    async with orchestrating(layout, tmp_path, models, models_per_node=1, restart_backoff_first=0.25) as orchestrator:
         async with connected(
             layout, orchestrator.port, timeout=TIMEOUT,
             max_consecutive_failures=MAX_FAILURES, max_consecutive_timeouts=MAX_TIMEOUTS,
@@ -115,7 +116,7 @@ async def test_chaos_rounds(tmp_path):
 
             for round_no, (acts, targets) in enumerate(plan):
                 if round_no in REDEPLOY_ROUNDS:
-                    assert orchestrator.redeploy(REDEPLOYED)
+                    assert await orchestrator.redeploy(REDEPLOYED)
                     await back_as_new_deployment(REDEPLOYED)
                 assert await client.ready(20), (round_no, client.states)
                 killed_now = round_no in KILL_ROUNDS

@@ -57,6 +57,7 @@ async def own_orchestrator(layout, tmp_path):
             submissions=submissions,
             pki_dir=shutil.copytree(layout.root, tmp_path / "pki"),  # it issues runner certificates there
             base_paths=[BASE_PATH],
+            models_per_node=1,  # its tests stop or kill one model's runner
         )
     )
     await orchestrator.start()

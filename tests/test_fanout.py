@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import os
 import shutil
 import time
 
@@ -140,6 +140,19 @@ async def test_a_fan_out_for_another_node_is_refused(client):
 # -- the client and the orchestrator over model nodes ----------------------------------------
 
 
+def test_by_default_the_orchestrator_packs_one_node_per_cpu_core():
+    from secure_runner.orchestrator.local import pack
+
+    model_ids = [f"model-{i}" for i in range(50)]
+    cores = os.cpu_count() or 1
+    nodes = pack(model_ids, None)
+    assert pack(model_ids, 0) == nodes and len(nodes) <= cores  # 2 nodes of 25 on 2 cores
+    assert [m for node in nodes.values() for m in node] == model_ids
+    assert max(map(len, nodes.values())) == -(-50 // cores)  # ceil(models / cores) per node
+    assert pack(model_ids, 1) == {m: [m] for m in model_ids}  # a runner per model, named after it
+    assert pack(["alone"], None) == {"alone": ["alone"]}
+
+
 async def test_client_reaches_packed_models_with_one_fan_out_per_node(layout, tmp_path):
     from secure_runner import CallStatus
     from secure_runner.orchestrator.local import LocalOrchestrator, LocalOrchestratorSettings
@@ -178,34 +191,4 @@ async def test_client_reaches_packed_models_with_one_fan_out_per_node(layout, tm
         assert results["counter"].reason == ErrorCode.MODEL_RAISED and results["counter"].message == "RuntimeError: boom"
     finally:
         await client.close()
-        await orchestrator.stop()
-
-
-async def test_stopping_one_model_of_a_node_restarts_the_node_without_it(layout, tmp_path):
-    from secure_runner.orchestrator.local import LocalOrchestrator, LocalOrchestratorSettings
-    from secure_runner.v1 import orchestrator_pb2
-
-    from conftest import BASE_PATH, CRUNCH
-
-    private = pki.PkiLayout(shutil.copytree(layout.root, tmp_path / "pki"))
-    submissions = tmp_path / "submissions"
-    submissions.mkdir()
-    for model_id in ("async-model", "counter"):
-        (submissions / model_id).symlink_to(MODELS / "submissions" / model_id)
-    orchestrator = LocalOrchestrator(LocalOrchestratorSettings(
-        crunch_id=CRUNCH, submissions=submissions, pki_dir=private.root, base_paths=[BASE_PATH], models_per_node=2,
-    ))
-    await orchestrator.start()
-    try:
-        before = orchestrator.board.get("async-model").deployment_id
-        assert await orchestrator.stop_model("counter", orchestrator.board.get("counter").deployment_id)
-        for _ in range(1000):
-            info = orchestrator.board.get("async-model")
-            if info.state == orchestrator_pb2.MODEL_STATE_RUNNING and info.deployment_id != before:
-                break
-            await asyncio.sleep(0.01)
-        assert info.state == orchestrator_pb2.MODEL_STATE_RUNNING and info.deployment_id != before
-        assert orchestrator.board.get("counter").state == orchestrator_pb2.MODEL_STATE_STOPPED
-        assert "counter=" not in " ".join(orchestrator._runner_command(orchestrator._node_of["async-model"]))
-    finally:
         await orchestrator.stop()

@@ -84,7 +84,7 @@ async def test_unknown_method_and_unencodable_arguments_raise_and_blame_no_model
 async def test_init_with_half_the_models_unreachable_returns_within_its_budget(tmp_path):
     model_ids = ("up-one", "up-two", "frozen-one", "frozen-two")
     layout = fresh_pki(tmp_path, *model_ids)
-    async with orchestrating(layout, tmp_path, dict.fromkeys(model_ids, COUNTER)) as orchestrator:
+    async with orchestrating(layout, tmp_path, dict.fromkeys(model_ids, COUNTER), models_per_node=1) as orchestrator:
         frozen = [orchestrator.runner_process(m).pid for m in ("frozen-one", "frozen-two")]
         for pid in frozen:  # they accept TCP connections but never answer the TLS handshake
             os.kill(pid, signal.SIGSTOP)
@@ -380,7 +380,7 @@ async def _states_until(board: ModelBoard, model_id: str, done, timeout: float =
 async def test_orchestrator_restarts_a_crashed_runner_with_backoff_and_a_new_deployment(tmp_path):
     layout = fresh_pki(tmp_path, "steady", "fragile")
     models = {"steady": COUNTER, "fragile": COUNTER}
-    async with orchestrating(layout, tmp_path, models, restart_backoff_first=0.4) as orchestrator:
+    async with orchestrating(layout, tmp_path, models, models_per_node=1, restart_backoff_first=0.4) as orchestrator:
         steady = orchestrator.board.get("steady").deployment_id
         deployments = [orchestrator.board.get("fragile").deployment_id]
         for crashes in (1, 2):
@@ -405,7 +405,7 @@ async def test_orchestrator_survives_a_runner_that_never_becomes_healthy(tmp_pat
     layout = fresh_pki(tmp_path, "steady", "broken")
     models = {"steady": COUNTER, "broken": COUNTER}
     async with orchestrating(
-        layout, tmp_path, models, restart_backoff_first=0.1, restart_backoff_max=0.4
+        layout, tmp_path, models, models_per_node=1, restart_backoff_first=0.1, restart_backoff_max=0.4
     ) as orchestrator:
         link = tmp_path / "submissions" / "broken"
         link.unlink()  # from now on its runner fails at start: no submission to run
@@ -429,7 +429,8 @@ async def test_orchestrator_kills_and_retries_a_runner_that_is_not_ready_in_time
     models = {"steady": COUNTER, "sluggish": COUNTER}
     # No runner can start within 10 ms: every start attempt times out and is killed.
     async with orchestrating(
-        layout, tmp_path, models, runner_start_timeout=0.01, restart_backoff_first=0.1, restart_backoff_max=0.2
+        layout, tmp_path, models, models_per_node=1,
+        runner_start_timeout=0.01, restart_backoff_first=0.1, restart_backoff_max=0.2,
     ) as orchestrator:
         await eventually(lambda: orchestrator.consecutive_failures("sluggish") >= 3, what="retries")
         assert orchestrator.board.get("sluggish").state == RECOVERING

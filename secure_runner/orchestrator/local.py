@@ -4,10 +4,11 @@ Each subfolder of `submissions` is one submission whose folder name is its
 model id; only models present in the registry are started (their names and
 cruncher come from the registry, never from the untrusted folder). Models are
 packed `models_per_node` to a runner process (a model node; each model still in
-its own sandboxed worker); with one per node, the node is named after its model.
-Each runner gets its own certificate for `spiffe://<crunch>/runner/<node-id>`,
-listens on a loopback port of its choosing and reports it on stdout
-(`READY <port>`).
+its own sandboxed worker); by default one node per CPU core, so a node's models
+share its event loop instead of each paying for a process of its own. With one
+model per node, the node is named after its model. Each runner gets its own
+certificate for `spiffe://<crunch>/runner/<node-id>`, listens on a loopback
+port of its choosing and reports it on stdout (`READY <port>`).
 
 Each node has a supervisor that keeps its runner up and marks its models' states
 on the board: STARTING (a first start, or a redeploy), RUNNING, RECOVERING (the
@@ -17,6 +18,12 @@ once a runner stayed up `stable_seconds`), STOPPED (stopped on purpose: a
 coordinator's failure report, or shutdown). Every runner started gets a new
 deployment id, so coordinators can tell a restarted model from the one they
 knew. A runner that never becomes healthy only ever costs its own retries.
+
+One model of a node is stopped or redeployed without disturbing the others:
+the orchestrator sends the runner a command on its stdin (runner/control.py)
+and waits for its answer; the node's other models keep their deployments. A
+runner that does not confirm a command is killed, and its node recovered as a
+whole, like a runner that died. Stopping a node's last model stops the node.
 
 Standing in for the crunchers, it signs each runner's identity delegation with
 the cruncher's identity key from the test PKI. That is the one thing a real
@@ -29,6 +36,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import os
 import secrets
 import sys
 import time
@@ -50,6 +59,9 @@ log = logging.getLogger(__name__)
 
 State = orchestrator_pb2.ModelState
 STOP_GRACE_SECONDS = 5.0
+# A runner confirms a control command within this, or is killed; a stop first lets the model's
+# call in progress finish (it has its own deadline).
+CONTROL_TIMEOUT_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -69,8 +81,9 @@ class LocalOrchestratorSettings:
     restart_backoff_first: float = 0.5
     restart_backoff_max: float = 30.0
     stable_seconds: float = 30.0  # a runner up this long resets the backoff
-    # Models per runner process (a model node, reached with one FanOut per call); 1: a runner per model.
-    models_per_node: int = 1
+    # Models per runner process (a model node, reached with one FanOut per call); 1: a runner per model;
+    # None or 0: one node per CPU core (see `pack`).
+    models_per_node: int | None = None
 
     @property
     def audit_folder(self) -> Path:
@@ -121,16 +134,29 @@ class _Node:
     redeploying: bool = False  # restarted on purpose: at once, not counted as a failure
     first_attempt: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
+    control: asyncio.Lock = field(default_factory=asyncio.Lock)  # one command to the runner at a time
 
 
-def pack(model_ids: list[str], models_per_node: int) -> dict[str, list[str]]:
-    """Node id -> model ids. One model per node keeps the model's own id as the node id."""
-    if models_per_node <= 1:
+def pack(model_ids: list[str], models_per_node: int | None) -> dict[str, list[str]]:
+    """Node id -> model ids. One model per node keeps the model's own id as the node id.
+
+    None or 0 packs ceil(models / CPU cores) per node: one runner per core.
+    """
+    per_node = models_per_node or max(1, math.ceil(len(model_ids) / (os.cpu_count() or 1)))
+    if per_node <= 1:
         return {model_id: [model_id] for model_id in model_ids}
     return {
-        f"node-{index}": model_ids[start : start + models_per_node]
-        for index, start in enumerate(range(0, len(model_ids), models_per_node))
+        f"node-{index}": model_ids[start : start + per_node]
+        for index, start in enumerate(range(0, len(model_ids), per_node))
     }
+
+
+def _next_deployment(current: orchestrator_pb2.ModelInfo) -> orchestrator_pb2.ModelInfo:
+    """A copy of `current` with a new deployment id."""
+    info = orchestrator_pb2.ModelInfo()
+    info.CopyFrom(current)
+    info.deployment_id = f"{info.model_id}-{secrets.token_hex(4)}"
+    return info
 
 
 class LocalOrchestrator:
@@ -205,9 +231,7 @@ class LocalOrchestrator:
         """Start the node's runner as a new deployment of each model; its start time once RUNNING, else None."""
         infos = {}
         for model_id, current in node.infos.items():
-            info = infos[model_id] = orchestrator_pb2.ModelInfo()
-            info.CopyFrom(current)
-            info.deployment_id = f"{model_id}-{secrets.token_hex(4)}"
+            info = infos[model_id] = _next_deployment(current)
             info.node_id = node.node_id
             info.address = ""
         if announce:
@@ -216,7 +240,9 @@ class LocalOrchestrator:
         cert = pki.issue_runner_certificate(self.layout, node.node_id, crunch_id=self.settings.crunch_id)
         for info in infos.values():
             info.runner_delegation = self._sign_delegation(info, cert)
-        proc = node.proc = await asyncio.create_subprocess_exec(*self._runner_command(node), stdout=asyncio.subprocess.PIPE)
+        proc = node.proc = await asyncio.create_subprocess_exec(
+            *self._runner_command(node), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+        )
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), self.settings.runner_start_timeout)
             word, port = line.decode().split()
@@ -245,6 +271,7 @@ class LocalOrchestrator:
             "--log-level", self.settings.runner_log_level,
             "--audit-log", str(self.settings.audit_folder / f"runner-{node.node_id}.jsonl"),
             "--exit-with-parent",
+            "--control-stdin",
         ]
         for model_id, path in node.paths.items():
             command += ["--model", f"{model_id}={path.resolve()}"]
@@ -282,31 +309,71 @@ class LocalOrchestrator:
     async def stop_model(self, model_id: str, deployment_id: str) -> bool:
         """Stop `model_id` for good if `deployment_id` is still its current deployment.
 
-        A node hosting only that model stops; a node hosting others restarts without
-        it (its other models come back as new deployments).
+        A node hosting only that model stops; on a node hosting others, the runner
+        stops only that model (its STOP command) and the others carry on untouched.
         """
         node = self._running(model_id, deployment_id)
         if node is None:
             return False
-        await self._put_state(node.infos[model_id], State.MODEL_STATE_STOPPED)
-        if len(node.paths) == 1:
+        proc = node.proc
+        info = node.infos.pop(model_id)  # before any await: a later restart of the node leaves it out
+        del node.paths[model_id]
+        last = not node.paths
+        if last:
             node.stopping = True
+        await self._put_state(info, State.MODEL_STATE_STOPPED)
+        if last:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
         else:
-            del node.paths[model_id], node.infos[model_id]
-            node.redeploying = True
-        with contextlib.suppress(ProcessLookupError):
-            node.proc.terminate()
+            await self._control(node, proc, "STOP", model_id)
         return True
 
-    def redeploy(self, model_id: str) -> bool:
-        """Replace a running model's runner with a new one (a new deployment id) at once."""
+    async def redeploy(self, model_id: str) -> bool:
+        """Give a running model a new deployment (a new id, a fresh worker) at once.
+
+        A node hosting only that model gets a new runner. On a node hosting others,
+        the runner replaces only that model's worker (its REDEPLOY command); the
+        delegation stays valid, as it binds the model and the runner's TLS key,
+        not the deployment. The model shows STARTING, then RUNNING under its new id.
+        """
         node = self._running(model_id)
         if node is None:
             return False
-        node.redeploying = True
-        with contextlib.suppress(ProcessLookupError):
-            node.proc.terminate()
+        if len(node.paths) == 1:
+            node.redeploying = True
+            with contextlib.suppress(ProcessLookupError):
+                node.proc.terminate()
+            return True
+        proc = node.proc
+        info = node.infos[model_id] = _next_deployment(node.infos[model_id])
+        await self._put_state(info, State.MODEL_STATE_STARTING)
+        if await self._control(node, proc, "REDEPLOY", model_id):
+            await self._put_state(info, State.MODEL_STATE_RUNNING)
         return True
+
+    async def _control(self, node: _Node, proc: asyncio.subprocess.Process, verb: str, model_id: str) -> bool:
+        """Send one command to `proc`, the node's runner, and wait for its answer; True if it was done.
+
+        A runner that does not confirm in time is killed: its node is then recovered like
+        one whose runner died. A runner already replaced is not written to.
+        """
+        async with node.control:
+            if proc is not node.proc:
+                return False
+            try:
+                proc.stdin.write(f"{verb} {model_id}\n".encode())
+                await proc.stdin.drain()
+                answer = await asyncio.wait_for(proc.stdout.readline(), CONTROL_TIMEOUT_SECONDS)
+            except (ConnectionError, TimeoutError) as exc:
+                answer = repr(exc).encode()
+            if answer.split() == [b"OK", verb.encode(), model_id.encode()]:
+                return True
+            if not node.stopping:
+                log.error("runner %s: %s %s not confirmed (%r); restarting it", node.node_id, verb, model_id, answer[:200])
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            return False
 
     def runner_process(self, model_id: str) -> asyncio.subprocess.Process:
         return self._node_of[model_id].proc

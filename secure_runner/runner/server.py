@@ -3,6 +3,9 @@
 Health reports one service per hosted model (named by its model id) plus the
 overall service "": a model is SERVING only while its worker is up and set up
 (or ready for Setup), so a coordinator can see a restart in progress.
+
+The process that started the runner may stop or redeploy one hosted model
+without disturbing the others (`retire`, `redeploy`; see runner/control.py).
 """
 
 from __future__ import annotations
@@ -190,18 +193,7 @@ class RunnerServer:
             validate_id(model_id, "model id")
         self.settings = settings
         self.health = health.aio.HealthServicer()
-        self.hosts = {
-            model_id: ModelHost(
-                model_id,
-                path.resolve(),
-                [p.resolve() for p in settings.base_paths],
-                settings.limits,
-                settings.setup_timeout,
-                self._on_health,
-                sandbox=settings.sandbox,
-            )
-            for model_id, path in settings.models.items()
-        }
+        self.hosts = {model_id: self._new_host(model_id) for model_id in settings.models}
         self._registry = RegistryFile(settings.registry)
         self.audit = AuditLog(settings.audit_log)
         auth = TokenAuthInterceptor(
@@ -222,6 +214,46 @@ class RunnerServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         self._health_tasks: set[asyncio.Task] = set()
         self.port = 0
+
+    def _new_host(self, model_id: str) -> ModelHost:
+        settings = self.settings
+        return ModelHost(
+            model_id,
+            settings.models[model_id].resolve(),
+            [p.resolve() for p in settings.base_paths],
+            settings.limits,
+            settings.setup_timeout,
+            self._on_health,
+            sandbox=settings.sandbox,
+        )
+
+    async def retire(self, model_id: str) -> None:
+        """Stop hosting `model_id` (a control command).
+
+        Calls for it are refused from now on (MODEL_UNKNOWN); once this returns its
+        worker is killed, its cgroup removed and its health NOT_SERVING.
+        """
+        host = self.hosts.pop(model_id)
+        # Calls that found the host before it left `hosts` still run: one loop turn lets each
+        # reach the host's lock ahead of close(), which waits for them. One that fails schedules
+        # a worker restart after close() cancelled the pending one: a second close() ends it.
+        # (A ModelHost.close() that was final would make both steps unnecessary.)
+        await asyncio.sleep(0)
+        await host.close()
+        await host.close()
+        await self.health.set(model_id, NOT_SERVING)
+
+    async def redeploy(self, model_id: str) -> None:
+        """Host `model_id` anew (a control command): a fresh worker that never saw its Setup.
+
+        The model is not hosted meanwhile (MODEL_UNKNOWN): no call made to the old
+        worker reaches the new one, which serves only after a new Setup. If the new
+        worker cannot start, the model stays unhosted and the error is raised.
+        """
+        await self.retire(model_id)
+        fresh = self._new_host(model_id)
+        await fresh.start()
+        self.hosts[model_id] = fresh
 
     def _on_health(self, model_id: str, serving: bool) -> None:
         task = asyncio.get_running_loop().create_task(self.health.set(model_id, SERVING if serving else NOT_SERVING))
