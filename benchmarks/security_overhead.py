@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from procstat import cpu_seconds  # noqa: E402
 
 from secure_runner import codec, pki  # noqa: E402
-from secure_runner.client.fan_out import FANOUT_RPC, fan_out_request  # noqa: E402
+from secure_runner.client.fan_out import fan_out_request  # noqa: E402
+from secure_runner.client.node_channel import CALL_RPC, FANOUT_RPC, SETUP_RPC  # noqa: E402
 from secure_runner.client.security import CallSigner, CoordinatorSecurity  # noqa: E402
 from secure_runner.smp import rules  # noqa: E402
 from secure_runner.smp.replay import ReplayCache  # noqa: E402
@@ -51,8 +52,6 @@ from secure_runner.v1 import runner_pb2  # noqa: E402
 CRUNCH = "bench"
 BASE = ROOT / "tests" / "models" / "base"
 SUBMISSION = ROOT / "tests" / "models" / "submissions" / "counter"
-CALL_RPC = "/secure_runner.v1.ModelRunner/Call"
-SETUP_RPC = "/secure_runner.v1.ModelRunner/Setup"
 PRICES = [100.0 + i / 7 for i in range(100)]
 
 

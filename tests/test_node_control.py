@@ -33,9 +33,9 @@ RUNNING = orchestrator_pb2.MODEL_STATE_RUNNING
 STARTING = orchestrator_pb2.MODEL_STATE_STARTING
 STOPPED = orchestrator_pb2.MODEL_STATE_STOPPED
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-# Both on node-0. KEEPER sorts first, so the client sends the node's FanOut on KEEPER's channel;
-# forgetting LEAVER then closes no channel a call of KEEPER is using.
-KEEPER, LEAVER = "alpha", "beta"
+# Both on node-0, reached over one channel. LEAVER sorts first: the node's FanOut is sent on
+# behalf of LEAVER too, and forgetting it must not cancel the fan-out in flight for KEEPER.
+KEEPER, LEAVER = "beta", "alpha"
 NODE = "node-0"
 
 

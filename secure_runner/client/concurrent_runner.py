@@ -32,8 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from secure_runner import codec
-from secure_runner.client.fan_out import FANOUT_RPC, fan_out_request
-from secure_runner.client.remote_model import CALL_RPC, ModelState, RemoteModel, channel_options
+from secure_runner.client.fan_out import fan_out_request
+from secure_runner.client.node_channel import CALL_RPC, FANOUT_RPC, NodeChannels, channel_options
+from secure_runner.client.remote_model import ModelState, RemoteModel
 from secure_runner.client.results import CallResult, CallStatus, ModelIdentity
 from secure_runner.client.security import CallSigner, CoordinatorSecurity
 from secure_runner.errors import CodecError, ConfigError, ErrorCode, RequestError
@@ -120,6 +121,7 @@ class DynamicSubclassModelConcurrentRunner:
         self._reports: dict[tuple[str, str], asyncio.Task] = {}
         self._closing: set[asyncio.Task] = set()
         self._identity_executor = ThreadPoolExecutor(IDENTITY_THREADS, thread_name_prefix="sr-identity")
+        self._nodes = NodeChannels(self.crunch_id, security)
         self._channel: grpc.aio.Channel | None = None
         self._stream = None
         self._updates = 0
@@ -248,14 +250,13 @@ class DynamicSubclassModelConcurrentRunner:
     def _connect(self, identity: ModelIdentity, info: orchestrator_pb2.ModelInfo) -> None:
         model = RemoteModel(
             identity,
-            info.address,
+            self._nodes.acquire(info.address, info.node_id or identity.model_id),
             info.runner_delegation,
             self.crunch_id,
             self._security,
             self._signer,
             self._registry.current,
             self._identity_executor,
-            node_id=info.node_id,
         )
         self._models[identity.model_id] = model
         self._disconnected.pop(identity.model_id, None)
@@ -265,7 +266,9 @@ class DynamicSubclassModelConcurrentRunner:
         model = self._models.pop(model_id)
         if retire:
             self._retire(model_id, model.identity.deployment_id)
-        self._background(model.close())
+        model.close()
+        if (closing := self._nodes.release(model.node)) is not None:
+            self._background(closing)
         return model
 
     @property

@@ -18,8 +18,6 @@ import grpc
 
 from secure_runner.v1 import runner_pb2
 
-FANOUT_RPC = "/secure_runner.v1.ModelRunner/FanOut"
-
 
 def fan_out_request(model_requests: Sequence[tuple[str, bytes]], method: str) -> runner_pb2.FanOutRequest:
     """The FanOut for (model id, shared Call bytes) pairs: common arguments once, the others per model.

@@ -1,8 +1,9 @@
-"""One remote model as the coordinator sees it: a channel, its connection, its counters.
+"""One remote model as the coordinator sees it: its node's channel, its connection, its counters.
 
 Before any request leaves, the runner's identity is checked twice: the TLS
-server name is pinned to `<model-id>.runner.<crunch>.invalid` (a certificate
-from the crunch CA for exactly that model), and the cruncher's signed
+server name is pinned to `<node-id>.runner.<crunch>.invalid` (a certificate
+from the crunch CA for exactly the runner process hosting it; a runner hosting
+one model is named after it), and the cruncher's signed
 delegation must bind the TLS key the runner presents (SMP-30..35, checked
 against the coordinator's registry). A runner that fails either is reported as
 an auth failure for that model only. Requests are serialized here and signed
@@ -37,11 +38,11 @@ from secure_runner.client.results import (
     Fault,
     ModelIdentity,
 )
-from secure_runner.client.fan_out import FANOUT_RPC, ModelFlight, NodeFlight
+from secure_runner.client.fan_out import ModelFlight, NodeFlight
+from secure_runner.client.node_channel import SETUP_RPC, NodeChannel
 from secure_runner.client.security import CallSigner, CoordinatorSecurity
 from secure_runner.errors import AuthError, CodecError, ConfigError, ErrorCode, RequestError, SecureRunnerError
 from secure_runner.smp import rules
-from secure_runner.smp.identity import PeerIdentity, Role
 from secure_runner.smp.registry import Registry
 from secure_runner.smp.token import model_id_field
 from secure_runner.transport import tls
@@ -50,21 +51,12 @@ from secure_runner.v1 import runner_pb2, values_pb2
 
 log = logging.getLogger(__name__)
 
-SETUP_RPC = "/secure_runner.v1.ModelRunner/Setup"
-CALL_RPC = "/secure_runner.v1.ModelRunner/Call"
-HEALTH_CHECK_RPC = "/grpc.health.v1.Health/Check"
 # Delays between connection attempts while a runner cannot be reached (the last one repeats).
 RECONNECT_BACKOFF_SECONDS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
 IDENTITY_TIMEOUT_SECONDS = 5.0
 # Health checks of a model cooling down: the first after this delay, then doubling up to the cap.
 PROBE_FIRST_SECONDS = 0.02
 PROBE_MAX_SECONDS = 0.5
-# Reconnect quickly to a runner or orchestrator that comes back (gRPC's default backoff grows to 120 s).
-RECONNECT_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 250),
-    ("grpc.min_reconnect_backoff_ms", 250),
-    ("grpc.max_reconnect_backoff_ms", 5_000),
-]
 _STATUS = {
     runner_pb2.CALL_STATUS_SUCCESS: CallStatus.SUCCESS,
     runner_pb2.CALL_STATUS_FAILURE: CallStatus.FAILURE,
@@ -72,10 +64,6 @@ _STATUS = {
 }
 # Refusals meaning the runner no longer has our Setup (it restarted in place): set up again.
 _SETUP_LOST = frozenset({ErrorCode.METHOD_NOT_ALLOWED, ErrorCode.MODEL_NOT_SET_UP})
-
-
-def channel_options(server_name: str) -> list[tuple[str, object]]:
-    return tls.channel_options(server_name) + RECONNECT_OPTIONS
 
 
 class ModelState(StrEnum):
@@ -133,18 +121,16 @@ class RemoteModel:
     def __init__(
         self,
         identity: ModelIdentity,
-        address: str,
+        node: NodeChannel,
         delegation: bytes,
         crunch_id: str,
         security: CoordinatorSecurity,
         signer: CallSigner,
         registry: Callable[[], Registry],
         identity_executor: Executor | None = None,
-        node_id: str = "",
     ) -> None:
         self.identity = identity
-        self.address = address
-        self.node_id = node_id or identity.model_id  # the runner hosting it; its TLS certificate names it
+        self.node = node  # the runner hosting it: its channel, shared with the node's other models
         self._delegation = delegation
         self._crunch_id = crunch_id
         self._security = security
@@ -162,18 +148,14 @@ class RemoteModel:
         self._setup_args: tuple | None = None
         self._probing: asyncio.Task | None = None
         self._signer = signer
-        self._server_name = PeerIdentity.make(crunch_id, Role.RUNNER, self.node_id).tls_server_name
-        self._channel = grpc.aio.secure_channel(
-            address, tls.channel_credentials(security.tls), options=channel_options(self._server_name)
-        )
-        self._setup = self._channel.unary_unary(SETUP_RPC, response_deserializer=runner_pb2.SetupResponse.FromString)
-        self._call = self._channel.unary_unary(CALL_RPC, response_deserializer=runner_pb2.CallResponse.FromString)
-        self._fan_out = self._channel.unary_stream(FANOUT_RPC, response_deserializer=runner_pb2.FanOutResults.FromString)
-        self._health = self._channel.unary_unary(
-            HEALTH_CHECK_RPC,
-            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-            response_deserializer=health_pb2.HealthCheckResponse.FromString,
-        )
+
+    @property
+    def address(self) -> str:
+        return self.node.address
+
+    @property
+    def node_id(self) -> str:
+        return self.node.node_id
 
     @property
     def model_id(self) -> str:
@@ -193,7 +175,7 @@ class RemoteModel:
         der = await asyncio.get_running_loop().run_in_executor(
             self._identity_executor,
             tls.fetch_server_certificate,
-            host, int(port), self._security.tls, self._server_name, IDENTITY_TIMEOUT_SECONDS,
+            host, int(port), self._security.tls, self.node.server_name, IDENTITY_TIMEOUT_SECONDS,
         )
         rules.verify_delegation(
             self._delegation,
@@ -259,7 +241,7 @@ class RemoteModel:
         ).SerializeToString()
         token = self._signer.sign(audience=[self.model_id], rpc=SETUP_RPC, method="", shared_body=shared)
         try:
-            response = await self._setup(
+            response = await self.node.setup(
                 model_id_field(self.model_id) + shared,
                 metadata=((TOKEN_KEY, token),),
                 timeout=timeout,
@@ -300,11 +282,11 @@ class RemoteModel:
     def send(self, shared: bytes, token: bytes, timeout: float) -> InFlight:
         """Hand one call to gRPC: the fan-out's request bytes for this model and their token."""
         body = model_id_field(self.model_id) + shared
-        return InFlight(self._call(body, metadata=((TOKEN_KEY, token),), timeout=timeout))
+        return InFlight(self.node.call(body, metadata=((TOKEN_KEY, token),), timeout=timeout))
 
     def send_fan_out(self, body: bytes, token: bytes, timeout: float, model_ids: Sequence[str]) -> NodeFlight:
         """Hand one FanOut for `model_ids` (all on this model's node) to gRPC, on this model's channel."""
-        return NodeFlight(self._fan_out(body, metadata=((TOKEN_KEY, token),), timeout=timeout), model_ids)
+        return NodeFlight(self.node.fan_out(body, metadata=((TOKEN_KEY, token),), timeout=timeout), model_ids)
 
     def result_of(self, flight: InFlight | ModelFlight, outcome: runner_pb2.CallResponse | Exception) -> CallResult:
         latency = flight.latency_us
@@ -358,18 +340,18 @@ class RemoteModel:
             await asyncio.sleep(delay)
             delay = min(delay * 2, PROBE_MAX_SECONDS)
             try:
-                response = await self._health(request, timeout=max(delay, 1.0))
+                response = await self.node.health(request, timeout=max(delay, 1.0))
             except grpc.aio.AioRpcError:
                 continue
             if response.status == health_pb2.HealthCheckResponse.SERVING:
                 self._cooling = False
 
-    async def close(self) -> None:
+    def close(self) -> None:
+        """Stop connecting and probing; the caller releases the node channel."""
         self._state = ModelState.DISCONNECTED
         for task in (self._connecting, self._probing):
             if task is not None:
                 task.cancel()
-        await self._channel.close()
 
 
 def _classify(exc: grpc.aio.AioRpcError) -> tuple[CallStatus, str, str]:
