@@ -6,8 +6,8 @@ Not a test: it prints figures for this machine. For each N it runs, in one proce
 fan-out of `echo(prices)` (100 floats, JSON) to N trivial models, back to back:
   (a)  raw grpc.aio echo: one server process per model, no TLS, no token, no worker;
   (b)  this project as shipped: mTLS, signed tokens, audit, a sandboxed worker per model, models
-       packed onto two runner processes (one per core: `--models-per-node ceil(N/2)`), one FanOut
-       per node;
+       packed by the orchestrator's default (one runner process per core, here ceil(N/2) models
+       each), one FanOut per node;
   (b1) the same with one model per runner;
   (c)  the reference (PyPI crunch-model-runner + model-runner-client, no security), installed
        by benchmarks/reference_harness.py into its own venvs and driven the same way.
@@ -139,7 +139,8 @@ async def _measure(one_round, rounds: int, n: int, server_pids: list[int]) -> di
 # -- (b), (b1) this project ------------------------------------------------------------------
 
 
-async def run_ours(n: int, rounds: int, tmp: Path, models_per_node: int) -> dict:
+async def run_ours(n: int, rounds: int, tmp: Path, models_per_node: int | None) -> dict:
+    """This project's orchestrator and client; `models_per_node` None: the orchestrator's default."""
     folder = Path(tempfile.mkdtemp(dir=tmp))
     model_ids = [f"m{i:04d}" for i in range(n)]
     layout = pki.make_test_pki(folder / "pki", CRUNCH, [pki.ModelSpec(m, m, "alice", "Alice") for m in model_ids])
@@ -152,7 +153,8 @@ async def run_ours(n: int, rounds: int, tmp: Path, models_per_node: int) -> dict
         "--submissions", str(submissions), "--pki", str(layout.root), "--base-path", str(BASE),
         "--log-level", "ERROR",
     ]
-    command += ["--models-per-node", str(models_per_node)]
+    if models_per_node is not None:
+        command += ["--models-per-node", str(models_per_node)]
     started = time.perf_counter()
     orchestrator = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     client = None
@@ -220,7 +222,7 @@ def main() -> None:
             rounds = max(20, args.rounds if n <= 10 else args.rounds // (2 if n <= 50 else 4))
             results = {
                 "a": asyncio.run(run_raw(n, rounds, tmp)),
-                "b": asyncio.run(run_ours(n, rounds, tmp, max(1, -(-n // 2)))),
+                "b": asyncio.run(run_ours(n, rounds, tmp, None)),
                 "b1": asyncio.run(run_ours(n, rounds, tmp, 1)),
             }
             reference = reference_harness.run_reference(n, rounds, PAYLOAD)

@@ -12,7 +12,8 @@ Prints (not a test; figures depend on the machine):
    (no TLS, no interceptor: the runner servicer and worker supervision only)
    and "secure" (what `secure-runner runner` runs: mTLS, token check, replay
    cache, audit log); for two shapes: one model per runner process, and the
-   models packed onto two runners reached with one FanOut each.
+   models packed onto two runners reached with one FanOut each (the orchestrator's default on
+   2 cores: one runner per core).
    Configurations alternate (A B A B) so drift hits both; medians are over
    all rounds.
 """
