@@ -297,20 +297,19 @@ class ModelHost:
     sandbox: SandboxPolicy = SandboxPolicy()
 
     def __post_init__(self) -> None:
-        self._lock = asyncio.Lock()
+        # The model's turn: one request at a time. A semaphore, because its locked() says
+        # whether acquire() would wait (a Lock's does not while a released turn is in handover).
+        self._lock = asyncio.BoundedSemaphore(1)
         self._process: WorkerProcess | None = None
         self._setup: runner_pb2.SetupRequest | None = None
         self._setup_response: runner_pb2.SetupResponse | None = None
+        self.methods: frozenset[str] = frozenset()  # callable ones, from the last successful Setup
         self._background: set[asyncio.Task] = set()
         self._restarting: asyncio.Task | None = None
         self._failures = 0  # consecutive worker failures, reset by a successful call
         self._retry_at = 0.0  # monotonic time before which no new worker is started
         self._last_failure = (ErrorCode.WORKER_CRASHED, "")
         self.layers: list[LayerResult] = []  # the sandbox report of the current (or last) worker
-
-    @property
-    def methods(self) -> frozenset[str]:
-        return frozenset(self._setup_response.methods) if self._setup_response else frozenset()
 
     def _worker_config(self) -> WorkerConfig:
         return WorkerConfig(
@@ -437,6 +436,7 @@ class ModelHost:
                 return runner_pb2.SetupResponse(status=response.status, error=response.error)
             if response.setup.status == SUCCESS:
                 self._setup, self._setup_response = wanted, response.setup
+                self.methods = frozenset(response.setup.methods)
             else:
                 with contextlib.suppress(WorkerGone):
                     await self._restart_fresh()  # a failed import leaves modules behind: start clean
@@ -444,6 +444,7 @@ class ModelHost:
 
     async def _restart_fresh(self) -> None:
         self._setup = self._setup_response = None
+        self.methods = frozenset()
         await self._close_worker()
         await self._ensure_worker()
 
@@ -451,9 +452,7 @@ class ModelHost:
         if request.method not in self.methods:
             raise RequestError(ErrorCode.METHOD_NOT_ALLOWED, f"{request.method!r} is not declared by the base class")
         deadline = time.monotonic() + timeout
-        try:
-            await asyncio.wait_for(self._lock.acquire(), timeout)
-        except TimeoutError:
+        if not await self._take_turn(timeout):
             return _failure(ErrorCode.MODEL_TIMEOUT, "model was still busy with an earlier call", TIMEOUT)
         try:
             await self._ensure_worker()
@@ -469,6 +468,23 @@ class ModelHost:
             return _gone(exc)
         finally:
             self._lock.release()
+
+    async def _take_turn(self, timeout: float) -> bool:
+        """Take the model's lock within `timeout` seconds; False if it is not free by then.
+
+        A free model is taken at once, without arming a timer; no time left means no turn.
+        """
+        if timeout <= 0:
+            return False
+        if not self._lock.locked():
+            await self._lock.acquire()  # does not wait: locked() is false exactly when it would not
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._lock.acquire()
+        except TimeoutError:
+            return False
+        return True
 
     async def reset(self) -> None:
         async with self._lock:
