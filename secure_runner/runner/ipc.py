@@ -88,7 +88,9 @@ class FrameChannel:
         self._buffer = bytearray()
         self._cap = 0
         self._answer: asyncio.Future[bytes] | None = None
-        self._deadline: asyncio.TimerHandle | None = None
+        self._due = 0.0  # loop time by which the answer is due
+        self._timer: asyncio.Handle | None = None
+        self._armed_for = 0.0  # when the timer fires: never after _due while an answer is due
         self._unsent: memoryview | None = None
         self._failure: FrameError | None = None
         self._loop.add_reader(read_fd, self._readable)
@@ -109,10 +111,33 @@ class FrameChannel:
             answer.set_exception(TimeoutError())
         else:
             self._answer, self._cap = answer, cap
-            self._deadline = self._loop.call_later(timeout, _expire, answer)
+            self._due = self._loop.time() + timeout
+            if self._timer is None or self._armed_for > self._due:
+                self._arm()
             if frame:
                 self._write(frame)
         return answer
+
+    def _arm(self) -> None:
+        """Set the timer for the answer due now.
+
+        An answer that comes in leaves the timer running: the next deadline is
+        later, so the timer is moved only when it fires early or a deadline is
+        earlier. One timer serves a run of answers instead of one per request.
+        """
+        if self._timer is not None:
+            self._timer.cancel()
+        self._armed_for = self._due
+        self._timer = self._loop.call_at(self._due, self._check_due)
+
+    def _check_due(self) -> None:
+        self._timer = None
+        if self._answer is None or self._answer.done():
+            return
+        if self._due > self._armed_for:  # a later answer is due now: wait for its own deadline
+            self._arm()
+        else:
+            self._answer.set_exception(TimeoutError())
 
     def close(self) -> None:
         """Stop watching the pipes (the caller closes them); an answer still due fails with PipeClosed."""
@@ -148,7 +173,6 @@ class FrameChannel:
                 payload = view[HEADER.size:].tobytes()
             buffer.clear()
             self._answer = None
-            self._deadline.cancel()
             answer.set_result(payload)
 
     def _write(self, data: bytes | memoryview) -> None:
@@ -175,12 +199,8 @@ class FrameChannel:
             self._loop.remove_reader(self._read_fd)
             self._loop.remove_writer(self._write_fd)
             self._unsent = None
+            if self._timer is not None:
+                self._timer.cancel()
         answer = self._answer
         if answer is not None and not answer.done():
-            self._deadline.cancel()
             answer.set_exception(self._failure)
-
-
-def _expire(answer: asyncio.Future) -> None:
-    if not answer.done():
-        answer.set_exception(TimeoutError())
