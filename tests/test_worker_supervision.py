@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import time
 
 import grpc
 import pytest
@@ -10,8 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from secure_runner import codec
 from secure_runner.errors import ErrorCode
+from secure_runner.runner import ipc
 from secure_runner.transport.status import TOKEN_KEY
-from secure_runner.v1 import runner_pb2
+from secure_runner.v1 import runner_pb2, worker_pb2
 
 from conftest import CALL_RPC, MODELS, RawCoordinator, write_submission
 
@@ -218,3 +222,172 @@ def test_worker_environment_holds_no_secret(layout, fresh_runner, tmp_path, monk
     others = {fd: target for fd, target in fds.items() if fd not in ("0", "1", "2")}
     assert len(others) == 2 and all(target.startswith("pipe:") for target in others.values()), fds
     assert str(MODELS) not in str(seen["env"])
+
+
+async def test_forged_protocol_frames_from_model_code_are_refused(layout, fresh_runner, tmp_path):
+    """Model code that finds the protocol pipe and writes to it is caught, never believed."""
+    finder = (
+        "import fcntl, os\n\n\ndef protocol_out(fd):\n    try:\n"
+        "        return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY\n"
+        "    except OSError:\n        return False\n"
+    )
+    forge = "def echo(self, value):\n        [os.write(fd, bytes.fromhex(value)) for fd in range(3, 64) if protocol_out(fd)]"
+    submission = write_submission(tmp_path, "forger", {"echo": forge}, imports=finder)
+    runner = fresh_runner("counter", submission)
+    client = RawCoordinator(layout, runner.address, "counter")
+    assert (await client.setup()).status == OK
+    setup_answer = worker_pb2.WorkerResponse(setup=runner_pb2.SetupResponse(status=OK))
+    forgeries = {
+        "over the cap": ipc.HEADER.pack(ipc.MAX_FRAME_BYTES + 1).hex(),
+        "wrong kind": ipc.encode_frame(setup_answer.SerializeToString()).hex(),
+    }
+    for what, forgery in forgeries.items():
+        response = await client.call("echo", forgery, timeout=30)
+        assert (response.status, response.error.code) == (FAILURE, ErrorCode.WORKER_PROTOCOL), what
+    await client.close()
+
+
+# -- the runner's end of the pipes, against a peer driven by hand ---------------------------------
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run_on_loop(request):
+    """Run a scenario on the default event loop and on uvloop (what runners use when installed)."""
+    factory = asyncio.new_event_loop
+    if request.param == "uvloop":
+        factory = pytest.importorskip("uvloop").new_event_loop
+
+    def run(scenario):
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(scenario())
+
+    return run
+
+
+class Peer:
+    """A stand-in worker: reads the runner's requests and writes whatever a test wants back."""
+
+    def __init__(self) -> None:
+        self.requests, requests_in = os.pipe()
+        answers_out, self.answers = os.pipe()
+        self.channel = ipc.FrameChannel(answers_out, requests_in)
+        self._open = {self.requests, requests_in, answers_out, self.answers}
+
+    def hang_up(self, fd: int) -> None:
+        os.close(fd)
+        self._open.remove(fd)
+
+    def send(self, payload: bytes, timeout: float = 10.0, cap: int = ipc.MAX_FRAME_BYTES) -> asyncio.Future:
+        return self.channel.exchange(ipc.encode_frame(payload), cap, timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+        for fd in self._open:
+            os.close(fd)
+
+
+@contextlib.asynccontextmanager
+async def peer():
+    made = Peer()
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def test_channel_round_trips_and_reassembles_an_answer_sent_in_pieces(run_on_loop):
+    async def scenario():
+        async with peer() as worker:
+            for round_no in range(2):
+                answer = worker.send(b"ping %d" % round_no)
+                assert ipc.read_frame(worker.requests) == b"ping %d" % round_no
+                for piece in (b"\x04", b"\x00\x00", b"\x00po", b"ng"):
+                    os.write(worker.answers, piece)
+                    await asyncio.sleep(0.01)
+                assert await answer == b"pong"
+
+    run_on_loop(scenario)
+
+
+def test_channel_writes_a_request_larger_than_the_pipe_as_it_drains(run_on_loop):
+    async def scenario():
+        async with peer() as worker:
+            big = os.urandom(3 << 20)
+            answer = worker.send(big)
+            assert await asyncio.to_thread(ipc.read_frame, worker.requests) == big
+            ipc.write_frame(worker.answers, b"ok")
+            assert await answer == b"ok"
+
+    run_on_loop(scenario)
+
+
+def test_channel_refuses_an_answer_over_its_cap_and_stays_refused(run_on_loop):
+    async def scenario():
+        async with peer() as worker:
+            answer = worker.send(b"hello?", cap=16)
+            os.write(worker.answers, ipc.HEADER.pack(17))  # only the header: refused before any payload
+            with pytest.raises(ipc.FrameError, match="over the 16-byte cap"):
+                await answer
+            with pytest.raises(ipc.FrameError, match="over the 16-byte cap"):
+                await worker.send(b"again")
+
+    run_on_loop(scenario)
+
+
+def test_channel_refuses_bytes_nobody_asked_for(run_on_loop):
+    async def scenario():
+        async with peer() as unasked, peer() as overlong:
+            os.write(unasked.answers, ipc.encode_frame(b"surprise"))
+            await asyncio.sleep(0.05)
+            with pytest.raises(ipc.FrameError, match="no answer was due"):
+                await unasked.send(b"request")
+            answer = overlong.send(b"request")
+            os.write(overlong.answers, ipc.encode_frame(b"answer") + b"and more")
+            with pytest.raises(ipc.FrameError, match="past the end"):
+                await answer
+
+    run_on_loop(scenario)
+
+
+def test_channel_reports_a_closed_pipe_as_such(run_on_loop):
+    async def scenario():
+        async with peer() as silent, peer() as deaf:
+            answer = silent.send(b"request")
+            silent.hang_up(silent.answers)
+            with pytest.raises(ipc.PipeClosed):
+                await answer
+            deaf.hang_up(deaf.requests)
+            with pytest.raises(ipc.PipeClosed):
+                await deaf.send(b"request")
+
+    run_on_loop(scenario)
+
+
+def test_channel_deadlines_hold_whatever_came_before(run_on_loop):
+    async def scenario():
+        async with peer() as worker:
+            answer = worker.send(b"long deadline", timeout=30)
+            ipc.write_frame(worker.answers, b"ok")
+            assert await answer == b"ok"
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):  # an earlier deadline than the last one still counts
+                await worker.send(b"short deadline", timeout=0.1)
+            assert time.monotonic() - started < 5.0  # not the 30 s of the one before
+            with pytest.raises(ipc.FrameError, match="still owes"):  # the late answer would be misread
+                await worker.send(b"next")
+        async with peer() as worker:
+            answer = worker.send(b"short deadline", timeout=0.1)
+            ipc.write_frame(worker.answers, b"ok")
+            assert await answer == b"ok"
+            answer = worker.send(b"longer deadline", timeout=3.0)
+            await asyncio.sleep(0.3)  # past the first deadline, within this one
+            ipc.write_frame(worker.answers, b"late but in time")
+            assert await answer == b"late but in time"
+        async with peer() as worker:
+            with pytest.raises(TimeoutError):
+                await worker.send(b"no time left", timeout=0)
+            os.set_blocking(worker.requests, False)
+            with pytest.raises(BlockingIOError):  # nothing was sent
+                os.read(worker.requests, 1)
+
+    run_on_loop(scenario)

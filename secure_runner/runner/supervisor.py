@@ -93,21 +93,6 @@ def _describe(returncode: int) -> str:
     return f"exit code {returncode}"
 
 
-async def _pipe_reader(pipe) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    transport, _protocol = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
-    return reader, transport
-
-
-async def _pipe_writer(pipe) -> asyncio.StreamWriter:
-    loop = asyncio.get_running_loop()
-    transport, protocol = await loop.connect_write_pipe(
-        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), pipe
-    )
-    return asyncio.StreamWriter(transport, protocol, None, loop)
-
-
 class WorkerProcess:
     """One live worker subprocess, its framed pipes, its cgroup and its exit status."""
 
@@ -122,10 +107,9 @@ class WorkerProcess:
         self.exited: asyncio.Future[Exit] = loop.create_future()
         self._pidfd = os.pidfd_open(popen.pid)
         loop.add_reader(self._pidfd, self._reap)
-        self._stdin: asyncio.StreamWriter | None = None
-        self._stdout: asyncio.StreamReader | None = None
+        self._pipes: ipc.FrameChannel | None = None  # the protocol: the worker's stdin and stdout
+        self._stderr: asyncio.BaseTransport | None = None
         self._stderr_task: asyncio.Task | None = None
-        self._readers: list[asyncio.BaseTransport] = []
 
     @classmethod
     async def spawn(cls, model_id: str, config: WorkerConfig) -> WorkerProcess:
@@ -151,16 +135,13 @@ class WorkerProcess:
                 cgroup.remove()
             raise WorkerGone(ErrorCode.WORKER_CRASHED, f"cannot start a worker: {exc}") from None
         process = cls(model_id, popen, config, cgroup)
-        await process.or_close(process._connect(), HELLO_TIMEOUT_SECONDS, ErrorCode.WORKER_CRASHED, "no pipes")
-        await process.or_close(
-            process._hello(), HELLO_TIMEOUT_SECONDS, ErrorCode.WORKER_CRASHED, "worker did not report its sandbox in time"
-        )
+        await process.or_close(process._connect(), ErrorCode.WORKER_CRASHED, "worker did not report its sandbox in time")
         return process
 
-    async def or_close(self, awaitable, timeout: float, code: ErrorCode, message: str):
-        """Await within `timeout`; on any failure close this worker (a timeout becomes WorkerGone(code))."""
+    async def or_close(self, awaitable, code: ErrorCode, message: str):
+        """Await; on any failure close this worker (a TimeoutError becomes WorkerGone(code, message))."""
         try:
-            return await asyncio.wait_for(awaitable, timeout)
+            return await awaitable
         except TimeoutError:
             await self.close()
             raise WorkerGone(code, message) from None
@@ -169,22 +150,24 @@ class WorkerProcess:
             raise
 
     async def _connect(self) -> None:
-        self._stdin = await _pipe_writer(self.popen.stdin)
-        self._stdout, stdout = await _pipe_reader(self.popen.stdout)
-        stderr_reader, stderr = await _pipe_reader(self.popen.stderr)
-        self._readers = [stdout, stderr]
+        """Log the worker's stderr, then take up the protocol pipes and read the hello."""
+        loop = asyncio.get_running_loop()
+        stderr_reader = asyncio.StreamReader()
+        self._stderr, _protocol = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(stderr_reader), self.popen.stderr
+        )
         self._stderr_task = asyncio.create_task(self._drain_stderr(stderr_reader))
+        self._pipes = ipc.FrameChannel(self.popen.stdout.fileno(), self.popen.stdin.fileno())
+        await self._hello()
 
     async def _hello(self) -> None:
         """Read the worker's sandbox report; refuse a worker that lacks a required layer."""
         try:
-            length = ipc.frame_length(await self._stdout.readexactly(ipc.HEADER.size))
-            if length > MAX_HELLO_BYTES:
-                raise ipc.FrameError("hello frame too large")
-            report = struct_pb2.Struct.FromString(await self._stdout.readexactly(length))
+            frame = await self._pipes.exchange(b"", MAX_HELLO_BYTES, HELLO_TIMEOUT_SECONDS)  # the worker speaks first
+            report = struct_pb2.Struct.FromString(frame)
             self.layers = [LayerResult(str(n), bool(a), str(d)) for n, a, d in report["layers"]]
             refused = str(report["refused"])
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except ipc.PipeClosed:
             raise WorkerGone(*await self.cause()) from None
         except (ipc.FrameError, DecodeError, KeyError, ValueError, TypeError) as exc:
             raise WorkerGone(ErrorCode.WORKER_PROTOCOL, f"unreadable sandbox report: {exc}") from None
@@ -237,14 +220,12 @@ class WorkerProcess:
             return ErrorCode.SANDBOX_UNAVAILABLE, "worker refused to start: a required sandbox layer is missing"
         return ErrorCode.WORKER_CRASHED, f"worker exited ({_describe(end.returncode)})"
 
-    async def request(self, request: worker_pb2.WorkerRequest) -> worker_pb2.WorkerResponse:
-        assert self._stdin is not None and self._stdout is not None
+    async def request(self, request: worker_pb2.WorkerRequest, timeout: float) -> worker_pb2.WorkerResponse:
+        """One round trip; TimeoutError if the answer is not in within `timeout` seconds."""
         try:
-            self._stdin.write(ipc.encode_frame(request.SerializeToString()))
-            await self._stdin.drain()
-            length = ipc.frame_length(await self._stdout.readexactly(ipc.HEADER.size))
-            payload = await self._stdout.readexactly(length)
-        except (ConnectionError, asyncio.IncompleteReadError):
+            frame = ipc.encode_frame(request.SerializeToString())
+            payload = await self._pipes.exchange(frame, ipc.MAX_FRAME_BYTES, timeout)
+        except ipc.PipeClosed:
             raise WorkerGone(*await self.cause()) from None
         except ipc.FrameError as exc:
             raise WorkerGone(ErrorCode.WORKER_PROTOCOL, str(exc)) from None
@@ -267,13 +248,15 @@ class WorkerProcess:
         await self.exited
         if self.cgroup is not None:
             await asyncio.to_thread(self.cgroup.remove)  # strays that left the process group die here
-        if self._stdin is not None:
-            self._stdin.close()
+        if self._pipes is not None:
+            self._pipes.close()
+        self.popen.stdin.close()
+        self.popen.stdout.close()
         if self._stderr_task is not None:  # the last log lines; a stray child could hold the pipe open
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._stderr_task), EXIT_STATUS_WAIT_SECONDS)
-        for transport in self._readers:
-            transport.close()
+        if self._stderr is not None:
+            self._stderr.close()
         scratch = Path(tempfile.gettempdir()) / f"secure-runner-worker-{self.popen.pid}"
         if scratch.exists():  # only made when the filesystem layer was missing
             await asyncio.to_thread(shutil.rmtree, scratch, True)
@@ -314,20 +297,19 @@ class ModelHost:
     sandbox: SandboxPolicy = SandboxPolicy()
 
     def __post_init__(self) -> None:
-        self._lock = asyncio.Lock()
+        # The model's turn: one request at a time. A semaphore, because its locked() says
+        # whether acquire() would wait (a Lock's does not while a released turn is in handover).
+        self._lock = asyncio.BoundedSemaphore(1)
         self._process: WorkerProcess | None = None
         self._setup: runner_pb2.SetupRequest | None = None
         self._setup_response: runner_pb2.SetupResponse | None = None
+        self.methods: frozenset[str] = frozenset()  # callable ones, from the last successful Setup
         self._background: set[asyncio.Task] = set()
         self._restarting: asyncio.Task | None = None
         self._failures = 0  # consecutive worker failures, reset by a successful call
         self._retry_at = 0.0  # monotonic time before which no new worker is started
         self._last_failure = (ErrorCode.WORKER_CRASHED, "")
         self.layers: list[LayerResult] = []  # the sandbox report of the current (or last) worker
-
-    @property
-    def methods(self) -> frozenset[str]:
-        return frozenset(self._setup_response.methods) if self._setup_response else frozenset()
 
     def _worker_config(self) -> WorkerConfig:
         return WorkerConfig(
@@ -386,8 +368,8 @@ class ModelHost:
             log_layers(self.model_id, process.layers, self.sandbox)
         if self._setup is not None:
             response = await process.or_close(
-                process.request(worker_pb2.WorkerRequest(setup=self._setup)),
-                self.setup_timeout, ErrorCode.MODEL_TIMEOUT, "replayed setup timed out",
+                process.request(worker_pb2.WorkerRequest(setup=self._setup), self.setup_timeout),
+                ErrorCode.MODEL_TIMEOUT, "replayed setup timed out",
             )
             if response.setup.status != SUCCESS:
                 await process.close()
@@ -454,6 +436,7 @@ class ModelHost:
                 return runner_pb2.SetupResponse(status=response.status, error=response.error)
             if response.setup.status == SUCCESS:
                 self._setup, self._setup_response = wanted, response.setup
+                self.methods = frozenset(response.setup.methods)
             else:
                 with contextlib.suppress(WorkerGone):
                     await self._restart_fresh()  # a failed import leaves modules behind: start clean
@@ -461,6 +444,7 @@ class ModelHost:
 
     async def _restart_fresh(self) -> None:
         self._setup = self._setup_response = None
+        self.methods = frozenset()
         await self._close_worker()
         await self._ensure_worker()
 
@@ -468,9 +452,7 @@ class ModelHost:
         if request.method not in self.methods:
             raise RequestError(ErrorCode.METHOD_NOT_ALLOWED, f"{request.method!r} is not declared by the base class")
         deadline = time.monotonic() + timeout
-        try:
-            await asyncio.wait_for(self._lock.acquire(), timeout)
-        except TimeoutError:
+        if not await self._take_turn(timeout):
             return _failure(ErrorCode.MODEL_TIMEOUT, "model was still busy with an earlier call", TIMEOUT)
         try:
             await self._ensure_worker()
@@ -487,6 +469,23 @@ class ModelHost:
         finally:
             self._lock.release()
 
+    async def _take_turn(self, timeout: float) -> bool:
+        """Take the model's lock within `timeout` seconds; False if it is not free by then.
+
+        A free model is taken at once, without arming a timer; no time left means no turn.
+        """
+        if timeout <= 0:
+            return False
+        if not self._lock.locked():
+            await self._lock.acquire()  # does not wait: locked() is false exactly when it would not
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._lock.acquire()
+        except TimeoutError:
+            return False
+        return True
+
     async def reset(self) -> None:
         async with self._lock:
             await self._close_worker()
@@ -502,7 +501,7 @@ class ModelHost:
         """Under the lock: one round trip, or a failure response after discarding the worker."""
         assert self._process is not None
         try:
-            return await asyncio.wait_for(self._process.request(request), max(timeout, 0.0))
+            return await self._process.request(request, timeout)
         except TimeoutError:
             message = f"no answer within {timeout:.3f} s; worker restarted"
             self._discard_worker(ErrorCode.MODEL_TIMEOUT, message)
