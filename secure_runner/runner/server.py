@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import BaseModel, ConfigDict
 
 from secure_runner.errors import ErrorCode, RequestError, SecureRunnerError
-from secure_runner.runner.supervisor import ModelHost
+from secure_runner.runner.supervisor import ModelHost, WorkerCall
 from secure_runner.runner.sandbox.policy import SandboxPolicy
 from secure_runner.runner.worker import WorkerLimits
 from secure_runner.smp.identity import validate_id
@@ -106,7 +106,8 @@ class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
     async def Call(self, request, context):
         host = await self._host(request.model_id, context, "Call", request)
         try:
-            response = await host.call(request, self._call_timeout(context))
+            call = WorkerCall.encode(request.method, request.arguments, request.kwargs)
+            response = await host.call(call, self._call_timeout(context))
         except SecureRunnerError as exc:
             await self._refuse(context, exc, "Call", request)
         log.debug("model %s %s -> %s", request.model_id, request.method, response.status)
@@ -125,6 +126,7 @@ class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
             self._audit_refusal(context, error, "FanOut", request.node_id, request.method)
             await abort(context, error)
         timeout = self._call_timeout(context)
+        common = WorkerCall.encode(request.method, request.arguments, request.kwargs)  # once for all models
         per_model = {m.model_id: m for m in request.per_model}
         finished: list[runner_pb2.FanOutResult] = []
         news = asyncio.Event()
@@ -137,11 +139,9 @@ class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
 
         tasks = []
         for model_id in dict.fromkeys(request.model_ids):
-            arguments = per_model.get(model_id, request)
-            call = runner_pb2.CallRequest(
-                model_id=model_id, method=request.method, arguments=arguments.arguments, kwargs=arguments.kwargs
-            )
-            task = asyncio.ensure_future(self._fan_out_one(call, timeout, context))
+            own = per_model.get(model_id)
+            call = common if own is None else WorkerCall.encode(request.method, own.arguments, own.kwargs)
+            task = asyncio.ensure_future(self._fan_out_one(model_id, call, timeout, context))
             task.add_done_callback(functools.partial(collect, model_id))
             tasks.append(task)
         remaining = len(tasks)
@@ -156,14 +156,14 @@ class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
             for task in tasks:  # the caller went away: its models' calls are cancelled too
                 task.cancel()
 
-    async def _fan_out_one(self, request, timeout: float, context) -> runner_pb2.CallResponse:
-        host = self._hosts.get(request.model_id)
+    async def _fan_out_one(self, model_id: str, call: WorkerCall, timeout: float, context) -> runner_pb2.CallResponse:
+        host = self._hosts.get(model_id)
         try:
             if host is None:
-                raise RequestError(ErrorCode.MODEL_UNKNOWN, f"this runner does not host {request.model_id[:64]!r}")
-            return await host.call(request, timeout)
+                raise RequestError(ErrorCode.MODEL_UNKNOWN, f"this runner does not host {model_id[:64]!r}")
+            return await host.call(call, timeout)
         except SecureRunnerError as exc:
-            self._audit_refusal(context, exc, "FanOut", request.model_id, request.method)
+            self._audit_refusal(context, exc, "FanOut", model_id, call.method)
             return runner_pb2.CallResponse(
                 status=runner_pb2.CALL_STATUS_FAILURE, error=values_pb2.ErrorDetail(code=exc.code, message=exc.message)
             )
@@ -234,13 +234,7 @@ class RunnerServer:
         worker is killed, its cgroup removed and its health NOT_SERVING.
         """
         host = self.hosts.pop(model_id)
-        # Calls that found the host before it left `hosts` still run: one loop turn lets each
-        # reach the host's lock ahead of close(), which waits for them. One that fails schedules
-        # a worker restart after close() cancelled the pending one: a second close() ends it.
-        # (A ModelHost.close() that was final would make both steps unnecessary.)
-        await asyncio.sleep(0)
-        await host.close()
-        await host.close()
+        await host.close()  # final: a call that found the host before it left starts no worker
         await self.health.set(model_id, NOT_SERVING)
 
     async def redeploy(self, model_id: str) -> None:

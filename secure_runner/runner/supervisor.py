@@ -80,6 +80,27 @@ def backoff_seconds(failures: int) -> float:
 
 
 @dataclass(frozen=True)
+class WorkerCall:
+    """A call as a worker receives it: its method (checked by the host) and its frame, encoded once.
+
+    The frame carries no model id (a worker hosts one model), so a fan-out encodes its
+    arguments once and sends the same bytes to every model that shares them.
+    """
+
+    method: str
+    frame: bytes
+
+    @classmethod
+    def encode(cls, method: str, arguments, kwargs) -> WorkerCall:
+        request = worker_pb2.WorkerRequest(call=runner_pb2.CallRequest(method=method, arguments=arguments, kwargs=kwargs))
+        return cls(method, ipc.encode_frame(request.SerializeToString()))
+
+
+def _setup_frame(request: runner_pb2.SetupRequest) -> bytes:
+    return ipc.encode_frame(worker_pb2.WorkerRequest(setup=request).SerializeToString())
+
+
+@dataclass(frozen=True)
 class Exit:
     returncode: int
     cpu_seconds: float  # user + system time of the worker, from wait4
@@ -220,10 +241,9 @@ class WorkerProcess:
             return ErrorCode.SANDBOX_UNAVAILABLE, "worker refused to start: a required sandbox layer is missing"
         return ErrorCode.WORKER_CRASHED, f"worker exited ({_describe(end.returncode)})"
 
-    async def request(self, request: worker_pb2.WorkerRequest, timeout: float) -> worker_pb2.WorkerResponse:
-        """One round trip; TimeoutError if the answer is not in within `timeout` seconds."""
+    async def request(self, frame: bytes, kind: str, timeout: float) -> worker_pb2.WorkerResponse:
+        """One round trip of a framed `kind` request; TimeoutError if no answer within `timeout` seconds."""
         try:
-            frame = ipc.encode_frame(request.SerializeToString())
             payload = await self._pipes.exchange(frame, ipc.MAX_FRAME_BYTES, timeout)
         except ipc.PipeClosed:
             raise WorkerGone(*await self.cause()) from None
@@ -233,7 +253,7 @@ class WorkerProcess:
             response = worker_pb2.WorkerResponse.FromString(payload)
         except DecodeError:
             raise WorkerGone(ErrorCode.WORKER_PROTOCOL, "worker sent an unparsable frame") from None
-        if response.WhichOneof("kind") != request.WhichOneof("kind"):
+        if response.WhichOneof("kind") != kind:
             raise WorkerGone(ErrorCode.WORKER_PROTOCOL, "worker answered a different request kind")
         return response
 
@@ -306,6 +326,7 @@ class ModelHost:
         self.methods: frozenset[str] = frozenset()  # callable ones, from the last successful Setup
         self._background: set[asyncio.Task] = set()
         self._restarting: asyncio.Task | None = None
+        self._closed = False  # close() is final: no worker starts after it
         self._failures = 0  # consecutive worker failures, reset by a successful call
         self._retry_at = 0.0  # monotonic time before which no new worker is started
         self._last_failure = (ErrorCode.WORKER_CRASHED, "")
@@ -321,12 +342,14 @@ class ModelHost:
             await self._ensure_worker()
 
     async def close(self) -> None:
+        """Stop hosting the model for good: no worker is started afterwards, whatever calls were under way."""
+        self._closed = True
         if self._restarting is not None:
             self._restarting.cancel()
+        async with self._lock:  # a call in progress ends first
+            await self._close_worker()
         # Let discarded workers finish closing: that removes their cgroups.
         await asyncio.gather(*list(self._background), return_exceptions=True)
-        async with self._lock:
-            await self._close_worker()
         cgroups.remove_runner_dirs()  # succeeds once the last model of this runner is closed
 
     def _record_failure(self, code: ErrorCode, message: str) -> None:
@@ -342,6 +365,8 @@ class ModelHost:
         """Under the lock: make sure a live worker exists and has the last Setup applied."""
         if self._process is not None and self._process.returncode is None:
             return
+        if self._closed:
+            raise WorkerGone(ErrorCode.MODEL_UNKNOWN, f"model {self.model_id} is no longer hosted here")
         first_to_hear = self._process is not None
         if first_to_hear:  # died between requests: this call reports the cause
             process, self._process = self._process, None
@@ -368,7 +393,7 @@ class ModelHost:
             log_layers(self.model_id, process.layers, self.sandbox)
         if self._setup is not None:
             response = await process.or_close(
-                process.request(worker_pb2.WorkerRequest(setup=self._setup), self.setup_timeout),
+                process.request(_setup_frame(self._setup), "setup", self.setup_timeout),
                 ErrorCode.MODEL_TIMEOUT, "replayed setup timed out",
             )
             if response.setup.status != SUCCESS:
@@ -401,6 +426,8 @@ class ModelHost:
         self._schedule_restart()
 
     def _schedule_restart(self) -> None:
+        if self._closed:
+            return
         if self._restarting is None or self._restarting.done():
             self._restarting = self._spawn_background(self._restart_when_due())
 
@@ -431,7 +458,7 @@ class ModelHost:
                     await self._restart_fresh()
             except WorkerGone as exc:
                 return runner_pb2.SetupResponse(status=FAILURE, error=values_pb2.ErrorDetail(code=exc.code, message=exc.message))
-            response = await self._send(worker_pb2.WorkerRequest(setup=wanted), self.setup_timeout)
+            response = await self._send(_setup_frame(wanted), "setup", self.setup_timeout)
             if isinstance(response, runner_pb2.CallResponse):  # the worker timed out or died
                 return runner_pb2.SetupResponse(status=response.status, error=response.error)
             if response.setup.status == SUCCESS:
@@ -448,15 +475,15 @@ class ModelHost:
         await self._close_worker()
         await self._ensure_worker()
 
-    async def call(self, request: runner_pb2.CallRequest, timeout: float) -> runner_pb2.CallResponse:
-        if request.method not in self.methods:
-            raise RequestError(ErrorCode.METHOD_NOT_ALLOWED, f"{request.method!r} is not declared by the base class")
+    async def call(self, call: WorkerCall, timeout: float) -> runner_pb2.CallResponse:
+        if call.method not in self.methods:
+            raise RequestError(ErrorCode.METHOD_NOT_ALLOWED, f"{call.method!r} is not declared by the base class")
         deadline = time.monotonic() + timeout
         if not await self._take_turn(timeout):
             return _failure(ErrorCode.MODEL_TIMEOUT, "model was still busy with an earlier call", TIMEOUT)
         try:
             await self._ensure_worker()
-            response = await self._send(worker_pb2.WorkerRequest(call=request), deadline - time.monotonic())
+            response = await self._send(call.frame, "call", deadline - time.monotonic())
             if isinstance(response, runner_pb2.CallResponse):
                 return response
             if response.call.status == SUCCESS:
@@ -496,12 +523,12 @@ class ModelHost:
                 self._schedule_restart()
 
     async def _send(
-        self, request: worker_pb2.WorkerRequest, timeout: float
+        self, frame: bytes, kind: str, timeout: float
     ) -> worker_pb2.WorkerResponse | runner_pb2.CallResponse:
         """Under the lock: one round trip, or a failure response after discarding the worker."""
         assert self._process is not None
         try:
-            return await self._process.request(request, timeout)
+            return await self._process.request(frame, kind, timeout)
         except TimeoutError:
             message = f"no answer within {timeout:.3f} s; worker restarted"
             self._discard_worker(ErrorCode.MODEL_TIMEOUT, message)
