@@ -8,7 +8,7 @@ The rules, for an auditor:
   strict: non-canonical INT bytes, invalid UTF-8, JSON with NaN/Infinity or
   duplicate keys, and .npy payloads with trailing or missing bytes are refused.
 - Nothing is ever unpickled or evaluated: JSON is parsed by `json` (or by orjson
-  where it must agree with `json`, see `_loads`), arrays by numpy's .npy reader
+  where it must agree with `json`, see `_orjson_reads_as_json`), arrays by numpy's .npy reader
   with `allow_pickle=False`; object dtypes are refused.
 - Limits (`CodecLimits`) bound the size of every encoded value, the nesting depth
   of JSON and the length of integers. On decode the size is checked before any
@@ -266,31 +266,33 @@ _DIGITS_AS_NINES = bytes.maketrans(b"012345678", b"999999999")
 _LONG_DIGIT_RUN = b"9" * 19
 
 
-def _loads(data: bytes) -> Any:
-    """Parse JSON text with orjson where it must agree with the strict `json` parse, else with `json`.
+def _orjson_reads_as_json(data: bytes) -> bool:
+    """Whether orjson must read `data` exactly as the strict `json` parse would.
 
     orjson (about 10x faster) differs where it matters in two ways: it keeps the last
     of duplicate object keys, and reads an integer beyond 64 bits as a float. So it
-    only sees text without objects and without a run of 19 digits (every integer of
-    19 digits or less fits in 64 bits). Whatever it refuses (NaN, 1e999, "\\ud800",
-    invalid UTF-8, ...) is parsed again by `json`, which accepts it exactly or says
-    why not. tests/test_codec.py checks the two parses agree on random text.
+    only gets text without objects and without a run of 19 digits (every integer of
+    19 digits or less fits in 64 bits). tests/test_codec.py checks the two parses
+    agree on random text.
     """
-    if b"{" not in data and _LONG_DIGIT_RUN not in data.translate(_DIGITS_AS_NINES):
-        try:
-            return orjson.loads(data)
-        except orjson.JSONDecodeError:
-            pass
-    return json.loads(data.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+    return b"{" not in data and _LONG_DIGIT_RUN not in data.translate(_DIGITS_AS_NINES)
 
 
 def _decode_json(data: bytes, limits: CodecLimits) -> Any:
-    value = _loads(data)
+    if _orjson_reads_as_json(data):
+        try:
+            value = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass  # NaN, 1e999, "\\ud800", invalid UTF-8, ...: the strict parse below says why
+        else:
+            _check_json_tree(value, limits)  # orjson itself refuses infinities and lone surrogates
+            return value
+    value = json.loads(data.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
     if value in (_INFINITY, -_INFINITY):  # a top-level 1e999
         raise _invalid("JSON number overflows a double")
     _check_json_tree(value, limits, finite=True)
     if _SURROGATE_ESCAPE.search(data):
-        _dump_json(value)  # refuse what we could not send back: "\ud800"
+        _dump_json(value)  # refuse what we could not send back: "\\ud800"
     return value
 
 
