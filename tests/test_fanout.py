@@ -144,13 +144,19 @@ def test_by_default_the_orchestrator_packs_one_node_per_cpu_core():
     from secure_runner.orchestrator.local import pack
 
     model_ids = [f"model-{i}" for i in range(50)]
-    cores = os.cpu_count() or 1
+    allowed = os.sched_getaffinity(0)
+    cores = len(allowed)
     nodes = pack(model_ids, None)
     assert pack(model_ids, 0) == nodes and len(nodes) <= cores  # 2 nodes of 25 on 2 cores
     assert [m for node in nodes.values() for m in node] == model_ids
     assert max(map(len, nodes.values())) == -(-50 // cores)  # ceil(models / cores) per node
     assert pack(model_ids, 1) == {m: [m] for m in model_ids}  # a runner per model, named after it
     assert pack(["alone"], None) == {"alone": ["alone"]}
+    os.sched_setaffinity(0, {min(allowed)})  # a cpuset or taskset of one CPU: one node
+    try:
+        assert pack(model_ids, None) == {"node-0": model_ids}
+    finally:
+        os.sched_setaffinity(0, allowed)
 
 
 async def test_client_reaches_packed_models_with_one_fan_out_per_node(layout, tmp_path):

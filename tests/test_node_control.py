@@ -210,7 +210,15 @@ async def test_malformed_control_lines_are_refused_and_the_runner_serves_on(layo
             assert (await coordinator.setup()).status == runner_pb2.CALL_STATUS_SUCCESS
         assert await coordinators["counter"].count() == 0
 
+        audited = len(runner.audit_entries())
         assert runner.command(b"STOP counter") == "OK STOP counter"
+        denials = [e for e in runner.audit_entries()[:audited] if e["what"].get("rpc") == "control"]
+        assert [(e["decision"], e["code"]) for e in denials] == [("deny", str(code)) for code in refused.values()]
+        assert all(set(e["what"]) == {"rpc"} for e in denials)  # the refused line itself is never logged
+        last = runner.audit_entries()[-1]
+        assert (last["decision"], last["who"], last["what"]) == (
+            "allow", "parent (control pipe)", {"rpc": "control", "command": "STOP", "model": "counter"}
+        )
         await assert_refused(coordinators["counter"].call("count"), grpc.StatusCode.NOT_FOUND, ErrorCode.MODEL_UNKNOWN)
         assert (await coordinators["async-model"].call("echo", 1)).status == runner_pb2.CALL_STATUS_SUCCESS
         for coordinator in coordinators.values():

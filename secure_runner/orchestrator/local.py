@@ -50,6 +50,8 @@ from nacl.signing import SigningKey
 
 from secure_runner import pki
 from secure_runner.orchestrator.service import ModelBoard, OrchestratorServer
+from secure_runner.runner.server import RunnerSettings
+from secure_runner.runner.supervisor import HELLO_TIMEOUT_SECONDS
 from secure_runner.smp.identity import validate_id
 from secure_runner.smp.token import issue_delegation
 from secure_runner.transport import tls
@@ -59,9 +61,10 @@ log = logging.getLogger(__name__)
 
 State = orchestrator_pb2.ModelState
 STOP_GRACE_SECONDS = 5.0
-# A runner confirms a control command within this, or is killed; a stop first lets the model's
-# call in progress finish (it has its own deadline).
-CONTROL_TIMEOUT_SECONDS = 60.0
+# A runner confirms a control command within this, or is killed. A stop first lets the model's
+# call in progress end, which the runner cuts off at its longest call (the runners here run with
+# their default); a redeploy then starts a worker, which reports within the hello timeout.
+CONTROL_TIMEOUT_SECONDS = RunnerSettings.model_fields["max_call_seconds"].default + HELLO_TIMEOUT_SECONDS
 
 
 @dataclass(frozen=True)
@@ -137,12 +140,19 @@ class _Node:
     control: asyncio.Lock = field(default_factory=asyncio.Lock)  # one command to the runner at a time
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, so a cpuset or taskset is respected)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def pack(model_ids: list[str], models_per_node: int | None) -> dict[str, list[str]]:
     """Node id -> model ids. One model per node keeps the model's own id as the node id.
 
     None or 0 packs ceil(models / CPU cores) per node: one runner per core.
     """
-    per_node = models_per_node or max(1, math.ceil(len(model_ids) / (os.cpu_count() or 1)))
+    per_node = models_per_node or max(1, math.ceil(len(model_ids) / usable_cpus()))
     if per_node <= 1:
         return {model_id: [model_id] for model_id in model_ids}
     return {

@@ -24,6 +24,8 @@ Why this is safe:
   and must be ASCII `VERB MODEL-ID` with a known verb and an id that passes
   `validate_id` and is hosted. Anything else is answered `ERROR <code>` and
   logged, never raised; no answer echoes its input. One command runs at a time.
+- Audited. Every command carried out, and every refusal, is a line of the runner's
+  hash-chained audit log (a refusal without the line it refused).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 MAX_LINE = 128  # bytes: a verb, a space and a model id (at most 63 characters) fit with room to spare
 READ_SIZE = 4096
 COMMANDS = {"STOP": RunnerServer.retire, "REDEPLOY": RunnerServer.redeploy}
+AUDIT_WHO = "parent (control pipe)"  # the audit log's `who` for commands; refusals never log the input
 
 
 async def serve(server: RunnerServer) -> None:
@@ -72,7 +75,7 @@ async def _lines(reader: asyncio.StreamReader) -> AsyncIterator[bytes | None]:
 
 
 async def _run(server: RunnerServer, line: bytes | None) -> str:
-    """Carry out one command line; its answer line."""
+    """Carry out one command line; its answer line. Both are in the runner's audit log."""
     try:
         verb, model_id = _parse(line)
         if model_id not in server.hosts:
@@ -80,8 +83,11 @@ async def _run(server: RunnerServer, line: bytes | None) -> str:
         await COMMANDS[verb](server, model_id)
     except SecureRunnerError as exc:
         log.warning("control command refused: %s", exc)
+        server.audit.record(decision="deny", code=exc.code, who=AUDIT_WHO, what={"rpc": "control"})
         return f"ERROR {exc.code}"
     log.info("control: %s %s done", verb, model_id)
+    server.audit.record(decision="allow", code="OK", who=AUDIT_WHO, what={"rpc": "control", "command": verb,
+                                                                        "model": model_id})
     return f"OK {verb} {model_id}"
 
 
