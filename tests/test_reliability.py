@@ -208,7 +208,10 @@ async def test_latency_is_the_models_and_the_networks_not_the_coordinators_queue
             for model_id in model_ids[:3]:
                 assert results[model_id].status is CallStatus.SUCCESS
                 assert 0 < results[model_id].latency_us < 50_000, results[model_id]
+                assert 0 < results[model_id].model_latency_us <= results[model_id].latency_us
             assert 250_000 <= results["sleepy"].latency_us < 400_000, results["sleepy"]
+            # The runner's figure for the model's own part: the sleep, without the network.
+            assert 250_000 <= results["sleepy"].model_latency_us <= results["sleepy"].latency_us
 
 
 # -- membership: orchestrator restarts, stale events ---------------------------------------------

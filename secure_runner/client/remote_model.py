@@ -299,16 +299,21 @@ class RemoteModel:
         status = _STATUS.get(outcome.status)
         if status is None:
             return self._result(CallStatus.FAILURE, latency, ErrorCode.WORKER_PROTOCOL, "runner sent no status")
+        model_latency = min(outcome.model_latency_us, latency)
         if status is not CallStatus.SUCCESS:
-            return self._result(status, latency, outcome.error.code, outcome.error.message)
+            return self._result(status, latency, outcome.error.code, outcome.error.message, model_latency=model_latency)
         try:
             output = codec.from_variant(outcome.output)
         except CodecError as exc:
-            return self._result(CallStatus.FAILURE, latency, ErrorCode.MODEL_OUTPUT_INVALID, exc.message)
-        return self._result(CallStatus.SUCCESS, latency, output=output)
+            return self._result(
+                CallStatus.FAILURE, latency, ErrorCode.MODEL_OUTPUT_INVALID, exc.message, model_latency=model_latency
+            )
+        return self._result(CallStatus.SUCCESS, latency, output=output, model_latency=model_latency)
 
-    def _result(self, status: CallStatus, latency: int = 0, reason: str = "", message: str = "", output=None):
-        return CallResult(self.identity, status, output, latency, str(reason), message)
+    def _result(
+        self, status: CallStatus, latency: int = 0, reason: str = "", message: str = "", output=None, model_latency=0
+    ) -> CallResult:
+        return CallResult(self.identity, status, output, latency, str(reason), message, model_latency)
 
     def record(self, result: CallResult, *, sent: bool) -> None:
         """Count the model's own faults; for a call that was sent, react to what it says about the runner."""

@@ -47,6 +47,11 @@ worker) and any time the coordinator's event loop is blocked by its own code
 while the call is in flight: nothing in-process can see an answer arrive then.
 Results that were never sent (UNREACHABLE, COOLING_DOWN, MODEL_UNAVAILABLE) have
 latency 0.
+
+`model_latency_us` is the part of it the model's worker had the call, as its runner
+measured it (from handing the call to the worker to its answer, the pipe included; the
+worker's own figure is ignored). It is 0 when the runner has no such figure (a timeout,
+a call not sent), and never more than `latency_us`: the runner is not trusted with it.
 """
 
 from __future__ import annotations
@@ -129,6 +134,7 @@ class CallResult:
     latency_us: int = 0
     reason: str = ""
     message: str = ""
+    model_latency_us: int = 0
 
     @property
     def fault(self) -> Fault:

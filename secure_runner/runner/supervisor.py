@@ -483,11 +483,14 @@ class ModelHost:
             return _failure(ErrorCode.MODEL_TIMEOUT, "model was still busy with an earlier call", TIMEOUT)
         try:
             await self._ensure_worker()
+            sent = time.perf_counter_ns()
             response = await self._send(call.frame, "call", deadline - time.monotonic())
             if isinstance(response, runner_pb2.CallResponse):
                 return response
             if response.call.status == SUCCESS:
                 self._failures = 0
+            # The model's time as this runner saw it, whatever the worker wrote there.
+            response.call.model_latency_us = (time.perf_counter_ns() - sent) // 1000
             return response.call
         except WorkerGone as exc:
             self.on_health(self.model_id, False)
