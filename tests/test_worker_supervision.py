@@ -391,3 +391,14 @@ def test_channel_deadlines_hold_whatever_came_before(run_on_loop):
                 os.read(worker.requests, 1)
 
     run_on_loop(scenario)
+
+
+def test_any_call_the_runner_accepts_fits_in_one_worker_frame():
+    """A request at gRPC's message cap becomes a worker frame, not a framing error blamed on the model."""
+    from secure_runner.runner.supervisor import WorkerCall
+    from secure_runner.transport import tls
+    from secure_runner.v1 import values_pb2
+
+    biggest = values_pb2.Argument(position=1, data=values_pb2.Variant(value=b"x" * (tls.MAX_MESSAGE_BYTES - 16)))
+    call = WorkerCall.encode("echo", [biggest], [])
+    assert len(call.frame) > tls.MAX_MESSAGE_BYTES  # the framing added bytes, and it still fits

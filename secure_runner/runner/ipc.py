@@ -15,7 +15,9 @@ import os
 import struct
 
 HEADER = struct.Struct("<I")
-MAX_FRAME_BYTES = 64 * 1024 * 1024
+# gRPC's message cap (64 MiB, transport/tls.py) plus room for the framing the runner adds, so any
+# request a runner accepts fits in one frame to its worker.
+MAX_FRAME_BYTES = 64 * 1024 * 1024 + 64 * 1024
 # Bytes the runner asks for per read: a pipe's default capacity, all a pipe holds.
 READ_CHUNK = 64 * 1024
 
