@@ -283,7 +283,7 @@ def _decode_json(data: bytes, limits: CodecLimits) -> Any:
         try:
             value = orjson.loads(data)
         except orjson.JSONDecodeError:
-            pass  # NaN, 1e999, "\\ud800", invalid UTF-8, ...: the strict parse below says why
+            pass  # NaN, 1e999, "\ud800", invalid UTF-8, ...: the strict parse below says why
         else:
             _check_json_tree(value, limits)  # orjson itself refuses infinities and lone surrogates
             return value
@@ -292,7 +292,7 @@ def _decode_json(data: bytes, limits: CodecLimits) -> Any:
         raise _invalid("JSON number overflows a double")
     _check_json_tree(value, limits, finite=True)
     if _SURROGATE_ESCAPE.search(data):
-        _dump_json(value)  # refuse what we could not send back: "\\ud800"
+        _dump_json(value)  # refuse what we could not send back: "\ud800"
     return value
 
 

@@ -285,7 +285,7 @@ class RemoteModel:
         return InFlight(self.node.call(body, metadata=((TOKEN_KEY, token),), timeout=timeout))
 
     def send_fan_out(self, body: bytes, token: bytes, timeout: float, model_ids: Sequence[str]) -> NodeFlight:
-        """Hand one FanOut for `model_ids` (all on this model's node) to gRPC, on this model's channel."""
+        """Hand one FanOut for `model_ids` (all on this model's node) to gRPC, on the node's channel."""
         return NodeFlight(self.node.fan_out(body, metadata=((TOKEN_KEY, token),), timeout=timeout), model_ids)
 
     def result_of(self, flight: InFlight | ModelFlight, outcome: runner_pb2.CallResponse | Exception) -> CallResult:
@@ -311,7 +311,7 @@ class RemoteModel:
         return self._result(CallStatus.SUCCESS, latency, output=output, model_latency=model_latency)
 
     def _result(
-        self, status: CallStatus, latency: int = 0, reason: str = "", message: str = "", output=None, model_latency=0
+        self, status: CallStatus, latency: int = 0, reason: str = "", message: str = "", output=None, model_latency: int = 0
     ) -> CallResult:
         return CallResult(self.identity, status, output, latency, str(reason), message, model_latency)
 

@@ -92,12 +92,12 @@ class WorkerCall:
 
     @classmethod
     def encode(cls, method: str, arguments, kwargs) -> WorkerCall:
-        request = worker_pb2.WorkerRequest(call=runner_pb2.CallRequest(method=method, arguments=arguments, kwargs=kwargs))
-        return cls(method, ipc.encode_frame(request.SerializeToString()))
+        call = runner_pb2.CallRequest(method=method, arguments=arguments, kwargs=kwargs)
+        return cls(method, _worker_frame(worker_pb2.WorkerRequest(call=call)))
 
 
-def _setup_frame(request: runner_pb2.SetupRequest) -> bytes:
-    return ipc.encode_frame(worker_pb2.WorkerRequest(setup=request).SerializeToString())
+def _worker_frame(request: worker_pb2.WorkerRequest) -> bytes:
+    return ipc.encode_frame(request.SerializeToString())
 
 
 @dataclass(frozen=True)
@@ -393,7 +393,9 @@ class ModelHost:
             log_layers(self.model_id, process.layers, self.sandbox)
         if self._setup is not None:
             response = await process.or_close(
-                process.request(_setup_frame(self._setup), "setup", self.setup_timeout),
+                process.request(
+                    _worker_frame(worker_pb2.WorkerRequest(setup=self._setup)), "setup", self.setup_timeout
+                ),
                 ErrorCode.MODEL_TIMEOUT, "replayed setup timed out",
             )
             if response.setup.status != SUCCESS:
@@ -458,7 +460,8 @@ class ModelHost:
                     await self._restart_fresh()
             except WorkerGone as exc:
                 return runner_pb2.SetupResponse(status=FAILURE, error=values_pb2.ErrorDetail(code=exc.code, message=exc.message))
-            response = await self._send(_setup_frame(wanted), "setup", self.setup_timeout)
+            frame = _worker_frame(worker_pb2.WorkerRequest(setup=wanted))
+            response = await self._send(frame, "setup", self.setup_timeout)
             if isinstance(response, runner_pb2.CallResponse):  # the worker timed out or died
                 return runner_pb2.SetupResponse(status=response.status, error=response.error)
             if response.setup.status == SUCCESS:
