@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import os
 import shutil
 import statistics
 import subprocess
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 
 import grpc
+from nacl.signing import SigningKey, VerifyKey
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
@@ -49,6 +52,7 @@ from secure_runner import (  # noqa: E402
     encode_data,
     pki,
 )
+from secure_runner.smp.identity import PeerIdentity  # noqa: E402
 
 CRUNCH = "fanout-bench"
 BASE = BENCH / "reference_model" / "base"
@@ -70,18 +74,75 @@ def summarize(times: list[float], calls: int, client_cpu: float, server_cpu: flo
     }
 
 
-# -- (a) raw grpc.aio echo ------------------------------------------------------------------
+# -- (a) raw grpc.aio echo, and the layers benchmarks/isolation_floor.py adds to it ----------
+
+# Each layer adds one cost to the ones before it; (a) is the first alone.
+RAW_LAYERS = ("echo", "mtls", "process", "verify")
+SIGNED_KEY = "x-signed-bin"  # "verify": the client's Ed25519-signed message, checked per call
 
 
-def echo_server_main(port_file: str) -> None:
+def _raw_child_main() -> None:
+    """The "process" layer's child: echoes length-prefixed frames from stdin to stdout."""
+    def read_exactly(size: int) -> bytes:
+        data = b""
+        while len(data) < size and (chunk := os.read(0, size - len(data))):
+            data += chunk
+        return data
+
+    while len(head := read_exactly(4)) == 4:
+        os.write(1, head + read_exactly(int.from_bytes(head, "big")))
+
+
+class _ChildEcho:
+    """The reply comes from a child process over a pipe (the worker hop, without a sandbox)."""
+
+    def __init__(self) -> None:
+        self._child = subprocess.Popen(
+            [sys.executable, __file__, "--echo-child"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+        )
+        self._waiting: list[asyncio.Future] = []
+        self._buffer = bytearray()
+        os.set_blocking(self._child.stdout.fileno(), False)
+        asyncio.get_running_loop().add_reader(self._child.stdout.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        self._buffer += os.read(self._child.stdout.fileno(), 1 << 20)
+        while len(self._buffer) >= 4 and len(self._buffer) >= 4 + (size := int.from_bytes(self._buffer[:4], "big")):
+            self._waiting.pop(0).set_result(bytes(self._buffer[4:4 + size]))
+            del self._buffer[:4 + size]
+
+    async def __call__(self, request: bytes) -> bytes:
+        reply = asyncio.get_running_loop().create_future()
+        self._waiting.append(reply)
+        os.write(self._child.stdin.fileno(), len(request).to_bytes(4, "big") + request)
+        return await reply
+
+
+def echo_server_main(port_file: str, layers: int, pki_root: str) -> None:
     async def serve() -> None:
+        reply = _ChildEcho() if layers > RAW_LAYERS.index("process") else None
+        verify_key = None
+        if layers > RAW_LAYERS.index("verify"):
+            verify_key = VerifyKey(Path(pki_root, "floor-verify.key").read_bytes())
+
         async def echo(request: bytes, context) -> bytes:
-            return request
+            if verify_key is not None:
+                signed = dict(context.invocation_metadata())[SIGNED_KEY]
+                verify_key.verify(signed)  # raises on a bad signature: the call fails
+            return await reply(request) if reply else request
 
         server = grpc.aio.server()
         handler = grpc.unary_unary_rpc_method_handler(echo)
         server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler})])
-        port = server.add_insecure_port("127.0.0.1:0")
+        if layers > RAW_LAYERS.index("mtls"):
+            layout = pki.PkiLayout(Path(pki_root))
+            credentials = grpc.ssl_server_credentials(
+                [(layout.runner_key(RAW_SERVER).read_bytes(), layout.runner_cert(RAW_SERVER).read_bytes())],
+                root_certificates=layout.ca_cert.read_bytes(), require_client_auth=True,
+            )
+            port = server.add_secure_port("127.0.0.1:0", credentials)
+        else:
+            port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         Path(port_file).write_text(str(port))
         await server.wait_for_termination()
@@ -89,30 +150,60 @@ def echo_server_main(port_file: str) -> None:
     asyncio.run(serve())
 
 
-async def run_raw(n: int, rounds: int, tmp: Path) -> dict:
+RAW_SERVER = "m0000"  # every layered server presents this test identity
+
+
+async def run_raw(n: int, rounds: int, tmp: Path, layers: int = 1) -> dict:
+    """N one-model echo servers with the first `layers` of RAW_LAYERS, driven like (b) and (c)."""
+    folder = Path(tempfile.mkdtemp(dir=tmp))  # fresh port files for every run
+    layout = pki.make_test_pki(folder / "pki", CRUNCH, [pki.ModelSpec(RAW_SERVER)])
+    signing_key = SigningKey.generate() if layers > RAW_LAYERS.index("verify") else None
+    if signing_key is not None:
+        (layout.root / "floor-verify.key").write_bytes(bytes(signing_key.verify_key))
     started = time.perf_counter()
     procs, ports = [], []
-    folder = Path(tempfile.mkdtemp(dir=tmp))  # fresh port files for every run
     for i in range(n):
         port_file = folder / f"echo-{i}.port"
-        procs.append(subprocess.Popen([sys.executable, __file__, "--echo-server", str(port_file)]))
+        procs.append(subprocess.Popen(
+            [sys.executable, __file__, "--echo-server", str(port_file), str(layers), str(layout.root)]
+        ))
         ports.append(port_file)
     try:
         for i, port_file in enumerate(ports):
             while not port_file.exists() or not port_file.read_text():
                 await asyncio.sleep(0.02)
             ports[i] = int(port_file.read_text())
-        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for port in ports]
+        if layers > RAW_LAYERS.index("mtls"):
+            credentials = grpc.ssl_channel_credentials(
+                layout.ca_cert.read_bytes(), layout.coordinator_key.read_bytes(), layout.coordinator_cert.read_bytes()
+            )
+            server_name = PeerIdentity.make(CRUNCH, "runner", RAW_SERVER).tls_server_name
+            channels = [
+                grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials, options=[("grpc.ssl_target_name_override", server_name)])
+                for port in ports
+            ]
+        else:
+            channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for port in ports]
         calls = [channel.unary_unary(ECHO_RPC) for channel in channels]
         body = encode_data(VariantType.JSON, PAYLOAD)
-        await asyncio.gather(*(call(body, wait_for_ready=True) for call in calls))
-        ready = time.perf_counter() - started
+        rounds_done = 0
 
-        async def one_round() -> None:
-            replies = await asyncio.gather(*(call(body, timeout=30) for call in calls))
+        async def one_round(first: bool = False) -> None:
+            nonlocal rounds_done
+            metadata = None
+            if signing_key is not None:  # one signature per round, as our client signs once per fan-out
+                rounds_done += 1
+                signed = signing_key.sign(rounds_done.to_bytes(8, "big") + hashlib.sha256(body).digest())
+                metadata = ((SIGNED_KEY, bytes(signed)),)
+            replies = await asyncio.gather(
+                *(call(body, timeout=120 if first else 30, metadata=metadata, wait_for_ready=first) for call in calls)
+            )
             assert all(reply == body for reply in replies)
 
-        result = await _measure(one_round, rounds, n, [p.pid for p in procs])
+        await one_round(first=True)
+        ready = time.perf_counter() - started
+        servers = [p.pid for p in procs]
+        result = await _measure(one_round, rounds, n, servers + [c for p in servers for c in descendants(p)])
         result.update(ready_s=ready, runner_rss_mb=statistics.median(rss_mb(p.pid) for p in procs))
         for channel in channels:
             await channel.close()
@@ -209,10 +300,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="1,10,50,100")
     parser.add_argument("--rounds", type=int, default=100)
-    parser.add_argument("--echo-server", help=argparse.SUPPRESS)
+    parser.add_argument("--echo-server", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--echo-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server:
-        echo_server_main(args.echo_server)
+        port_file, layers, pki_root = args.echo_server
+        echo_server_main(port_file, int(layers), pki_root)
+        return
+    if args.echo_child:
+        _raw_child_main()
         return
     reference_harness.ensure_reference_venv()
     rows = []
