@@ -116,8 +116,10 @@ async def test_chaos_rounds(tmp_path):
 
             for round_no, (acts, targets) in enumerate(plan):
                 if round_no in REDEPLOY_ROUNDS:
+                    runner = orchestrator.runner_process(REDEPLOYED)
                     assert await orchestrator.redeploy(REDEPLOYED)
                     await back_as_new_deployment(REDEPLOYED)
+                    assert orchestrator.runner_process(REDEPLOYED) is runner  # a fresh worker, same runner
                 assert await client.ready(20), (round_no, client.states)
                 killed_now = round_no in KILL_ROUNDS
                 if killed_now:  # from outside, between rounds, without telling anyone

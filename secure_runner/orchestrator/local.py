@@ -134,7 +134,6 @@ class _Node:
     proc: asyncio.subprocess.Process | None = None
     failures: int = 0  # consecutive runner failures
     stopping: bool = False  # stopped on purpose: not restarted
-    redeploying: bool = False  # restarted on purpose: at once, not counted as a failure
     first_attempt: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
     control: asyncio.Lock = field(default_factory=asyncio.Lock)  # one command to the runner at a time
@@ -209,7 +208,7 @@ class LocalOrchestrator:
 
     async def _supervise(self, node: _Node) -> None:
         """Keep one node's runner up: restart it with backoff when it dies or fails to start."""
-        announce = True  # a first start or a redeploy shows as STARTING; a recovery stays RECOVERING
+        announce = True  # a first start shows as STARTING; a recovery stays RECOVERING
         while not node.stopping and node.paths:
             up_since = None
             try:
@@ -226,10 +225,7 @@ class LocalOrchestrator:
             if node.stopping:
                 await self._put_states(node, State.MODEL_STATE_STOPPED, only_if_not_stopped=True)
                 return
-            announce = node.redeploying
-            if node.redeploying:
-                node.redeploying = False
-                continue
+            announce = False
             node.failures += 1
             delay = restart_delay(node.failures, self.settings.restart_backoff_first, self.settings.restart_backoff_max)
             log.warning("runner %s: %d consecutive failures; restarting in %.1f s", node.node_id, node.failures, delay)
@@ -342,19 +338,14 @@ class LocalOrchestrator:
     async def redeploy(self, model_id: str) -> bool:
         """Give a running model a new deployment (a new id, a fresh worker) at once.
 
-        A node hosting only that model gets a new runner. On a node hosting others,
-        the runner replaces only that model's worker (its REDEPLOY command); the
+        The runner replaces only that model's worker (its REDEPLOY command), so the
+        node's other models, its connections and its TLS key are untouched; the
         delegation stays valid, as it binds the model and the runner's TLS key,
         not the deployment. The model shows STARTING, then RUNNING under its new id.
         """
         node = self._running(model_id)
         if node is None:
             return False
-        if len(node.paths) == 1:
-            node.redeploying = True
-            with contextlib.suppress(ProcessLookupError):
-                node.proc.terminate()
-            return True
         proc = node.proc
         info = node.infos[model_id] = _next_deployment(node.infos[model_id])
         await self._put_state(info, State.MODEL_STATE_STARTING)

@@ -77,8 +77,13 @@ def split(token: bytes) -> tuple[bytes, bytes, bytes]:
 def verify(key: VerifyKey, token: bytes, implicit: bytes = b"") -> tuple[bytes, bytes]:
     """Return (message, footer) if the signature is valid for `key`."""
     message, signature, footer = split(token)
+    check_signature(key, message, signature, footer, implicit)
+    return message, footer
+
+
+def check_signature(key: VerifyKey, message: bytes, signature: bytes, footer: bytes, implicit: bytes = b"") -> None:
+    """`verify` for a token already `split` (its footer read to pick the key): decoded once, not twice."""
     try:
         key.verify(pae(HEADER, message, footer, implicit), signature)
     except BadSignatureError:
         raise AuthError(ErrorCode.TOKEN_BAD_SIGNATURE, "token signature is invalid") from None
-    return message, footer
