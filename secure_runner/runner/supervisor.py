@@ -42,7 +42,7 @@ from secure_runner.errors import ErrorCode, RequestError, SecureRunnerError
 from secure_runner.runner import ipc
 from secure_runner.runner.sandbox import cgroups
 from secure_runner.runner.sandbox.environment import worker_environment
-from secure_runner.runner.sandbox.policy import LAYERS, LayerResult, SandboxPolicy
+from secure_runner.runner.sandbox.policy import LAYERS, LayerResult, SandboxPolicy, scratch_dir
 from secure_runner.runner.worker import SANDBOX_EXIT_CODE, WorkerConfig, WorkerLimits
 from secure_runner.v1 import runner_pb2, values_pb2, worker_pb2
 
@@ -277,7 +277,7 @@ class WorkerProcess:
                 await asyncio.wait_for(asyncio.shield(self._stderr_task), EXIT_STATUS_WAIT_SECONDS)
         if self._stderr is not None:
             self._stderr.close()
-        scratch = Path(tempfile.gettempdir()) / f"secure-runner-worker-{self.popen.pid}"
+        scratch = Path(scratch_dir(self.popen.pid))
         if scratch.exists():  # only made when the filesystem layer was missing
             await asyncio.to_thread(shutil.rmtree, scratch, True)
 
@@ -486,8 +486,11 @@ class ModelHost:
             return _failure(ErrorCode.MODEL_TIMEOUT, "model was still busy with an earlier call", TIMEOUT)
         try:
             await self._ensure_worker()
+            left = deadline - time.monotonic()
+            if left <= 0:  # the turn or a worker restart used it up: nothing sent, the worker is fine
+                return _failure(ErrorCode.MODEL_TIMEOUT, "no time left once the model was free", TIMEOUT)
             sent = time.perf_counter_ns()
-            response = await self._send(call.frame, "call", deadline - time.monotonic())
+            response = await self._send(call.frame, "call", left)
             if isinstance(response, runner_pb2.CallResponse):
                 return response
             if response.call.status == SUCCESS:

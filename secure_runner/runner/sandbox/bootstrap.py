@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from secure_runner.runner.sandbox import cgroups, environment, filesystem, identity, limits, namespaces
-from secure_runner.runner.sandbox.policy import LayerResult, SandboxPolicy, WorkerLimits
+from secure_runner.runner.sandbox.policy import LayerResult, SandboxPolicy, WorkerLimits, scratch_dir
 
 try:  # optional at import time: a missing binding is a missing layer, reported like any other
     from secure_runner.runner.sandbox import landlock
@@ -66,7 +66,7 @@ class Report:
 
 def _scratch(plan: Plan) -> str:
     """Without the filesystem layer: a private temp dir on the host (the runner removes it)."""
-    path = f"/tmp/secure-runner-worker-{os.getpid()}"
+    path = scratch_dir(os.getpid())
     os.mkdir(path, 0o700)
     with contextlib.suppress(OSError):  # without the right to chown, the uid layer fails too
         os.chown(path, plan.uid, plan.uid)

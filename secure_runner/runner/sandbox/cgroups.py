@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import signal
 import time
@@ -67,12 +68,19 @@ def _under(mount_root: str, mount_point: str, path: str) -> Path | None:
     return Path(mount_point) / path[len(mount_root):].lstrip("/")
 
 
-def hierarchies() -> list[Hierarchy]:
-    """The cgroup hierarchies that hold the controllers we use, v1 preferred per controller."""
+@functools.cache
+def hierarchies() -> tuple[Hierarchy, ...]:
+    """The cgroup hierarchies that hold the controllers we use, v1 preferred per controller.
+
+    Worked out once per process: on v2 the first worker's cgroup may move this process
+    into a leaf of its own (`_enable_v2_controllers`), and the runner's cgroups stay
+    under the cgroup it started in, not under that leaf.
+    """
     own = _own_paths()
+    mounts = _mounts()
     found: list[Hierarchy] = []
     taken: set[str] = set()
-    for fstype, root, point, options in _mounts():
+    for fstype, root, point, options in mounts:
         if fstype == "cgroup":
             names = frozenset(options & {*REQUIRED, *OPTIONAL} - taken)
             key = next(iter(names), None)
@@ -80,7 +88,7 @@ def hierarchies() -> list[Hierarchy]:
             if names and where is not None:
                 found.append(Hierarchy(1, names, where))
                 taken |= names
-    for fstype, root, point, _options in _mounts():
+    for fstype, root, point, _options in mounts:
         if fstype == "cgroup2" and "" in own:
             where = _under(root, point, own[""])
             if where is None or not (where / "cgroup.controllers").exists():
@@ -89,7 +97,7 @@ def hierarchies() -> list[Hierarchy]:
             if names:
                 found.append(Hierarchy(2, names, where))
                 taken |= names
-    return found
+    return tuple(found)
 
 
 def _write(path: Path, value: str) -> None:

@@ -62,6 +62,12 @@ class SandboxPolicy:
         return refusal(self, layers)
 
 
+def scratch_dir(worker_pid: int) -> str:
+    """A worker's private temp dir when the filesystem layer is missing: made by the worker
+    (whose environment is clean, so always under /tmp), removed by the runner after it exits."""
+    return f"/tmp/secure-runner-worker-{worker_pid}"
+
+
 @dataclass(frozen=True)
 class LayerResult:
     name: str
