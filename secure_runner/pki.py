@@ -67,6 +67,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from nacl.signing import SigningKey
 
 from secure_runner.errors import ConfigError, ErrorCode, SecureRunnerError
 from secure_runner.smp.identity import PeerIdentity, Role, validate_id
@@ -219,6 +220,11 @@ def load_identity_key(path: Path | str) -> Ed25519PrivateKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(ErrorCode.PKI_INVALID, f"{path} is not an Ed25519 identity key")
     return key
+
+
+def load_signing_key(path: Path | str) -> SigningKey:
+    """An identity key (`load_identity_key`) as a libsodium signing key: what tokens are signed with."""
+    return SigningKey(load_identity_key(path).private_bytes_raw())
 
 
 # --------------------------------------------------------------------------- certificates

@@ -26,7 +26,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from secure_runner import codec, pki
 from secure_runner.client.concurrent_runner import DynamicSubclassModelConcurrentRunner
-from secure_runner.client.security import CoordinatorSecurity, load_signing_key
+from secure_runner.client.security import CoordinatorSecurity
+from secure_runner.pki import load_signing_key
 from secure_runner.orchestrator.local import LocalOrchestrator, LocalOrchestratorSettings
 from secure_runner.smp.identity import PeerIdentity, Role
 from secure_runner.smp.token import issue_call_token, model_id_field, split_model_id

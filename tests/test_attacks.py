@@ -21,7 +21,7 @@ import pytest
 
 from secure_runner import CallStatus, CoordinatorSecurity, DynamicSubclassModelConcurrentRunner, pki
 from secure_runner.codec import encode_arguments
-from secure_runner.client.security import load_signing_key
+from secure_runner.pki import load_signing_key
 from secure_runner.errors import ErrorCode
 from secure_runner.orchestrator.local import LocalOrchestrator, LocalOrchestratorSettings
 from secure_runner.orchestrator.service import REPORT_RPC

@@ -14,16 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nacl.signing import SigningKey
-
 from secure_runner import pki
 from secure_runner.smp.token import issue_call_token
 from secure_runner.transport import tls
-
-
-def load_signing_key(path: Path) -> SigningKey:
-    """Load a PKCS8 PEM Ed25519 private key as a libsodium signing key."""
-    return SigningKey(pki.load_identity_key(path).private_bytes_raw())
 
 
 @dataclass(frozen=True)
@@ -50,7 +43,7 @@ class CallSigner:
     """Signs call tokens with the coordinator's key, bound to its TLS certificate."""
 
     def __init__(self, security: CoordinatorSecurity, crunch_id: str) -> None:
-        self._key = load_signing_key(security.identity_key)
+        self._key = pki.load_signing_key(security.identity_key)
         self.key_id = pki.key_id_for(bytes(self._key.verify_key))
         cert_pem, _, _ = security.tls.read()
         self._cert_sha256 = tls.cert_sha256(tls.pem_to_der(cert_pem))

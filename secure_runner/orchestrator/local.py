@@ -46,7 +46,6 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from nacl.signing import SigningKey
 
 from secure_runner import pki
 from secure_runner.orchestrator.service import ModelBoard, OrchestratorServer
@@ -113,9 +112,8 @@ def sign_delegation(
     if not info.cruncher_id:
         log.warning("model %s has no cruncher identity; clients will refuse it", info.model_id)
         return b""
-    cruncher_key = pki.load_identity_key(layout.cruncher_identity(info.cruncher_id))
     return issue_delegation(
-        SigningKey(cruncher_key.private_bytes_raw()),
+        pki.load_signing_key(layout.cruncher_identity(info.cruncher_id)),
         crunch_id=crunch_id,
         model_id=info.model_id,
         spki_sha256=tls.spki_sha256(cert.public_bytes(Encoding.DER)),
@@ -223,7 +221,7 @@ class LocalOrchestrator:
                 if time.monotonic() - up_since >= self.settings.stable_seconds:
                     node.failures = 0
             if node.stopping:
-                await self._put_states(node, State.MODEL_STATE_STOPPED, only_if_not_stopped=True)
+                await self._put_states(node, State.MODEL_STATE_STOPPED)
                 return
             announce = False
             node.failures += 1
@@ -287,10 +285,8 @@ class LocalOrchestrator:
             command += ["--allow-missing-layer", layer]
         return command
 
-    async def _put_states(self, node: _Node, state: int, *, only_if_not_stopped: bool = False) -> None:
+    async def _put_states(self, node: _Node, state: int) -> None:
         for info in node.infos.values():
-            if only_if_not_stopped and self.board.get(info.model_id).state == State.MODEL_STATE_STOPPED:
-                continue
             await self._put_state(info, state)
 
     async def _put_state(self, info: orchestrator_pb2.ModelInfo, state: int) -> None:

@@ -144,7 +144,6 @@ class OrchestratorServer:
         audit_file: Path,
         stop_model: Callable[[str, str], Awaitable[bool]],
     ) -> None:
-        self.board = board
         self.layout = layout
         self.registry = RegistryFile(layout.registry)
         self.audit = AuditLog(audit_file)
@@ -153,13 +152,12 @@ class OrchestratorServer:
         orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(
             OrchestratorServicer(board, self.registry.current, self.audit, stop_model), self._server
         )
-        self.port = 0
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         files = tls.TlsFiles(self.layout.orchestrator_cert, self.layout.orchestrator_key, self.layout.ca_cert)
-        self.port = self._server.add_secure_port(f"{host}:{port}", tls.reloading_server_credentials(files))
+        bound = self._server.add_secure_port(f"{host}:{port}", tls.reloading_server_credentials(files))
         await self._server.start()
-        return self.port
+        return bound
 
     async def stop(self, grace: float = 0.5) -> None:
         await self._server.stop(grace)

@@ -330,7 +330,7 @@ class ModelHost:
         self._failures = 0  # consecutive worker failures, reset by a successful call
         self._retry_at = 0.0  # monotonic time before which no new worker is started
         self._last_failure = (ErrorCode.WORKER_CRASHED, "")
-        self.layers: list[LayerResult] = []  # the sandbox report of the current (or last) worker
+        self._layers_logged = False  # the sandbox report is logged for the first worker only
 
     def _worker_config(self) -> WorkerConfig:
         return WorkerConfig(
@@ -386,10 +386,9 @@ class ModelHost:
             raise
 
     async def _start_worker(self) -> None:
-        first = not self.layers
         process = await WorkerProcess.spawn(self.model_id, self._worker_config())
-        self.layers = process.layers
-        if first:
+        if not self._layers_logged:
+            self._layers_logged = True
             log_layers(self.model_id, process.layers, self.sandbox)
         if self._setup is not None:
             response = await process.or_close(

@@ -195,14 +195,14 @@ def main(argv: list[str]) -> int:
         config.submission, config.base_paths, config.limits, config.sandbox,
         config.cgroup_procs, config.cgroup_error, (proto_in, proto_out),
     )
-    report = bootstrap.apply(plan)
+    layers = bootstrap.apply(plan)
     if config.sandbox.check_only:
-        ipc.write_frame(proto_out, hello(bootstrap.verify(plan, report), ""))
+        ipc.write_frame(proto_out, hello(bootstrap.verify(plan, layers), ""))
         with contextlib.suppress(ipc.FrameError):
             ipc.read_frame(proto_in)  # stay alive until the runner has looked at our cgroup
         return 0
-    refused = report.refused(config.sandbox)
-    ipc.write_frame(proto_out, hello(report.layers, refused))
+    refused = config.sandbox.refusal(layers)
+    ipc.write_frame(proto_out, hello(layers, refused))
     if refused:
         print(f"worker: {refused}", file=sys.stderr)
         return SANDBOX_EXIT_CODE

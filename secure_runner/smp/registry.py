@@ -71,10 +71,6 @@ class ModelEntry(_Strict):
             decode_public_key(value)
         return value
 
-    @property
-    def identity_key_bytes(self) -> bytes:
-        return decode_public_key(self.identity_public_key or "")
-
 
 class CrunchEntry(_Strict):
     coordinators: list[CoordinatorKey] = []

@@ -15,8 +15,6 @@ delegation) before it sends any request.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import logging
 import os
 import socket
@@ -33,6 +31,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key
 
 from secure_runner.errors import AuthError, ConfigError, ErrorCode, RequestError
+from secure_runner.smp.token import sha256_b64url
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +210,7 @@ def spki_sha256(der_cert: bytes) -> str:
         public_key = x509.load_der_x509_certificate(der_cert).public_key()
     except ValueError:
         raise AuthError(ErrorCode.PEER_UNAUTHENTICATED, "not a DER X.509 certificate") from None
-    return _b64url_sha256(public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+    return sha256_b64url(public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
 
 
 def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
@@ -227,13 +226,9 @@ def channel_options(server_name: str) -> list[tuple[str, object]]:
     ]
 
 
-def _b64url_sha256(data: bytes) -> str:
-    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-
-
 def cert_sha256(der: bytes) -> str:
     """RFC 8705 x5t#S256: base64url SHA-256 of the DER certificate."""
-    return _b64url_sha256(der)
+    return sha256_b64url(der)
 
 
 def pem_to_der(pem: bytes) -> bytes:

@@ -3,7 +3,7 @@
 `apply` runs in the worker bootstrap (a fresh `python -I` process, still root,
 single-threaded) and returns one `LayerResult` per layer of `policy.LAYERS`.
 A layer that cannot be applied is reported with the reason; if it is
-required, the worker refuses to load code (`Report.refused`). Each layer has
+required, the worker refuses to load code (`SandboxPolicy.refusal`). Each layer has
 its own module; none imports grpc, smp, transport or anything holding a key.
 Only the worker imports this module; the runner needs only `policy`.
 
@@ -45,23 +45,11 @@ class Plan:
     protocol_fds: tuple[int, int]
     uid: int = field(init=False)
     tmp: str = "/tmp"
-    read_only: list[str] = field(default_factory=list)
+    read_only: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
         self.uid = identity.worker_uid(self.policy.uid_base)
         self.read_only = filesystem.minimal([*filesystem.python_paths(), self.submission, *self.base_paths])
-
-
-@dataclass
-class Report:
-    layers: list[LayerResult]
-
-    @property
-    def active(self) -> set[str]:
-        return {layer.name for layer in self.layers if layer.active}
-
-    def refused(self, policy: SandboxPolicy) -> str:
-        return policy.refusal(self.layers)
 
 
 def _scratch(plan: Plan) -> str:
@@ -113,7 +101,7 @@ def _reason(exc: OSError) -> str:
     return str(exc)
 
 
-def apply(plan: Plan) -> Report:
+def apply(plan: Plan) -> list[LayerResult]:
     """Apply every layer in order; never raises for a layer that cannot be applied."""
     if threading.active_count() != 1:
         raise RuntimeError("the sandbox must be applied while the worker is single-threaded")
@@ -133,10 +121,10 @@ def apply(plan: Plan) -> Report:
             results.append(LayerResult(name, False, f"{type(exc).__name__}: {exc}"))
     environment.point_at_scratch(plan.tmp)
     os.chdir(plan.submission)
-    return Report(results)
+    return results
 
 
-def verify(plan: Plan, report: Report) -> list[LayerResult]:
+def verify(plan: Plan, layers: list[LayerResult]) -> list[LayerResult]:
     """sandbox-check: test from inside that each active layer really holds."""
     checks: dict[str, Callable[[], str]] = {
         "environment": lambda: environment.verify(plan.protocol_fds) and "still clean after every layer",
@@ -150,7 +138,7 @@ def verify(plan: Plan, report: Report) -> list[LayerResult]:
         "seccomp": lambda: seccomp.verify(),
     }
     verified = []
-    for layer in report.layers:
+    for layer in layers:
         if not layer.active:
             verified.append(layer)
             continue

@@ -169,8 +169,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, only not ours to signal
+        pass
     return True
 
 
@@ -211,9 +211,8 @@ class WorkerCgroup:
 
     _serial = 0
 
-    def __init__(self, directories: list[tuple[Hierarchy, Path]], limits: WorkerLimits) -> None:
+    def __init__(self, directories: list[tuple[Hierarchy, Path]]) -> None:
         self.directories = directories
-        self.limits = limits
         self._oom_seen = 0
 
     @classmethod
@@ -234,7 +233,7 @@ class WorkerCgroup:
                 for _hierarchy, directory in made:
                     _kill_and_remove(directory)
                 raise CgroupUnavailable(f"cannot set up a cgroup: {exc}") from None
-        return cls(made, limits)
+        return cls(made)
 
     @property
     def procs_files(self) -> list[str]:

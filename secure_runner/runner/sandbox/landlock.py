@@ -15,12 +15,15 @@ import os
 import landlockpy
 from landlockpy import AccessFS, AccessNet, Scope
 
+from secure_runner.runner.sandbox import filesystem
+
 READ_DIR = AccessFS.READ_FILE | AccessFS.READ_DIR | AccessFS.EXECUTE
 READ_FILE = AccessFS.READ_FILE | AccessFS.EXECUTE
 DEVICE = AccessFS.READ_FILE | AccessFS.WRITE_FILE
-HOST_FILES = ("/etc/ld.so.cache", "/etc/localtime", "/etc/passwd", "/etc/group", "/etc/hosts",
-              "/etc/nsswitch.conf", "/proc/cpuinfo", "/proc/meminfo", "/proc/stat")
-DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+# What the new root holds besides the read-only trees (filesystem.py), so both lists change together.
+HOST_FILES = (*filesystem.ETC_FILES, "/etc/passwd", "/etc/group", "/etc/hosts", "/etc/nsswitch.conf",
+              "/proc/cpuinfo", "/proc/meminfo", "/proc/stat")
+DEVICES = tuple(f"/dev/{name}" for name in filesystem.DEVICES)
 TCP = AccessNet.BIND_TCP | AccessNet.CONNECT_TCP
 SCOPES = Scope.ABSTRACT_UNIX_SOCKET | Scope.SIGNAL
 

@@ -63,9 +63,10 @@ def policy_from(args: argparse.Namespace) -> SandboxPolicy:
     from_env = os.environ.get(ALLOW_MISSING_ENV, "")
     if from_env:
         allowed += _layers(from_env)
-    for name in dict.fromkeys(allowed):
+    allowed = tuple(dict.fromkeys(allowed))
+    for name in allowed:
         log.warning("sandbox layer %s may be missing: explicitly allowed by the operator", name)
-    return SandboxPolicy(allow_missing=tuple(dict.fromkeys(allowed)))
+    return SandboxPolicy(allow_missing=allowed)
 
 
 def format_report(layers: list[LayerResult], policy: SandboxPolicy) -> str:

@@ -59,7 +59,11 @@ class SandboxPolicy:
         return layer not in self.allow_missing
 
     def refusal(self, layers: list[LayerResult]) -> str:
-        return refusal(self, layers)
+        """Why a worker must not load code, or "" when every required layer is in force."""
+        seen = {layer.name for layer in layers}
+        missing = [f"{r.name} ({r.detail})" for r in layers if not r.active and self.required(r.name)]
+        missing += [f"{name} (not reported)" for name in LAYERS if name not in seen and self.required(name)]
+        return "required sandbox layer missing: " + "; ".join(missing) if missing else ""
 
 
 def scratch_dir(worker_pid: int) -> str:
@@ -73,11 +77,3 @@ class LayerResult:
     name: str
     active: bool
     detail: str
-
-
-def refusal(policy: SandboxPolicy, layers: list[LayerResult]) -> str:
-    """Why a worker must not load code, or "" when every required layer is in force."""
-    seen = {layer.name for layer in layers}
-    missing = [f"{r.name} ({r.detail})" for r in layers if not r.active and policy.required(r.name)]
-    missing += [f"{name} (not reported)" for name in LAYERS if name not in seen and policy.required(name)]
-    return "required sandbox layer missing: " + "; ".join(missing) if missing else ""
