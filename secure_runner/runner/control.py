@@ -36,7 +36,7 @@ import sys
 from collections.abc import AsyncIterator
 
 from secure_runner.errors import ErrorCode, RequestError, SecureRunnerError
-from secure_runner.runner.server import RunnerServer
+from secure_runner.runner.server import RunnerServer, host_of
 from secure_runner.smp.identity import validate_id
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,7 @@ async def _run(server: RunnerServer, line: bytes | None) -> str:
     """Carry out one command line; its answer line. Both are in the runner's audit log."""
     try:
         verb, model_id = _parse(line)
-        if model_id not in server.hosts:
-            raise RequestError(ErrorCode.MODEL_UNKNOWN, f"this runner does not host {model_id!r}")
+        host_of(server.hosts, model_id)  # MODEL_UNKNOWN unless hosted
         await COMMANDS[verb](server, model_id)
     except SecureRunnerError as exc:
         log.warning("control command refused: %s", exc)

@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import BaseModel, ConfigDict
 
 from secure_runner.errors import ErrorCode, RequestError, SecureRunnerError
-from secure_runner.runner.supervisor import ModelHost, WorkerCall
+from secure_runner.runner.supervisor import ModelHost, WorkerCall, failure_response
 from secure_runner.runner.sandbox.policy import SandboxPolicy
 from secure_runner.runner.worker import WorkerLimits
 from secure_runner.smp.identity import validate_id
@@ -31,7 +31,7 @@ from secure_runner.transport.audit_log import AuditLog
 from secure_runner.transport.registry_file import RegistryFile
 from secure_runner.transport.token_auth import TokenAuthInterceptor
 from secure_runner.transport.status import abort
-from secure_runner.v1 import runner_pb2, runner_pb2_grpc, values_pb2
+from secure_runner.v1 import runner_pb2, runner_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +93,10 @@ class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
         return min(self._settings.max_call_seconds, remaining - DEADLINE_MARGIN_SECONDS)
 
     async def _host(self, model_id: str, context, rpc: str, request) -> ModelHost:
-        host = self._hosts.get(model_id)
-        if host is None:
-            error = RequestError(ErrorCode.MODEL_UNKNOWN, f"this runner does not host {model_id[:64]!r}")
+        try:
+            return host_of(self._hosts, model_id)
+        except RequestError as error:
             await self._refuse(context, error, rpc, request)
-        return host
 
     async def Setup(self, request, context):
         host = await self._host(request.model_id, context, "Setup", request)
@@ -157,16 +156,11 @@ class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
                 task.cancel()
 
     async def _fan_out_one(self, model_id: str, call: WorkerCall, timeout: float, context) -> runner_pb2.CallResponse:
-        host = self._hosts.get(model_id)
         try:
-            if host is None:
-                raise RequestError(ErrorCode.MODEL_UNKNOWN, f"this runner does not host {model_id[:64]!r}")
-            return await host.call(call, timeout)
+            return await host_of(self._hosts, model_id).call(call, timeout)
         except SecureRunnerError as exc:
             self._audit_refusal(context, exc, "FanOut", model_id, call.method)
-            return runner_pb2.CallResponse(
-                status=runner_pb2.CALL_STATUS_FAILURE, error=values_pb2.ErrorDetail(code=exc.code, message=exc.message)
-            )
+            return failure_response(exc.code, exc.message)
 
     async def Reset(self, request, context):
         host = await self._host(request.model_id, context, "Reset", request)
@@ -179,10 +173,15 @@ def _outcome(model_id: str, task: asyncio.Task) -> runner_pb2.CallResponse:
     if task.exception() is None:
         return task.result()
     log.error("fan-out call of model %s ended without a response: %r", model_id, task.exception())
-    return runner_pb2.CallResponse(
-        status=runner_pb2.CALL_STATUS_FAILURE,
-        error=values_pb2.ErrorDetail(code=ErrorCode.INTERNAL, message="the runner could not serve this call"),
-    )
+    return failure_response(ErrorCode.INTERNAL, "the runner could not serve this call")
+
+
+def host_of(hosts: dict[str, ModelHost], model_id: str) -> ModelHost:
+    """The host of `model_id`; RequestError(MODEL_UNKNOWN) if this runner does not host it."""
+    host = hosts.get(model_id)
+    if host is None:
+        raise RequestError(ErrorCode.MODEL_UNKNOWN, f"this runner does not host {model_id[:64]!r}")
+    return host
 
 
 class RunnerServer:

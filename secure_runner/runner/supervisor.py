@@ -64,12 +64,13 @@ class WorkerGone(SecureRunnerError):
     """The worker exited, closed its pipe, broke the framing rules or refused to start."""
 
 
-def _failure(code: ErrorCode, message: str, status: int = FAILURE) -> runner_pb2.CallResponse:
+def failure_response(code: ErrorCode, message: str, status: int = FAILURE) -> runner_pb2.CallResponse:
+    """A call's answer when the model gave none: the status (FAILURE or TIMEOUT) and why."""
     return runner_pb2.CallResponse(status=status, error=values_pb2.ErrorDetail(code=code, message=message))
 
 
 def _gone(exc: WorkerGone) -> runner_pb2.CallResponse:
-    return _failure(exc.code, exc.message, TIMEOUT if exc.code == ErrorCode.MODEL_TIMEOUT else FAILURE)
+    return failure_response(exc.code, exc.message, TIMEOUT if exc.code == ErrorCode.MODEL_TIMEOUT else FAILURE)
 
 
 def backoff_seconds(failures: int) -> float:
@@ -482,12 +483,12 @@ class ModelHost:
             raise RequestError(ErrorCode.METHOD_NOT_ALLOWED, f"{call.method!r} is not declared by the base class")
         deadline = time.monotonic() + timeout
         if not await self._take_turn(timeout):
-            return _failure(ErrorCode.MODEL_TIMEOUT, "model was still busy with an earlier call", TIMEOUT)
+            return failure_response(ErrorCode.MODEL_TIMEOUT, "model was still busy with an earlier call", TIMEOUT)
         try:
             await self._ensure_worker()
             left = deadline - time.monotonic()
             if left <= 0:  # the turn or a worker restart used it up: nothing sent, the worker is fine
-                return _failure(ErrorCode.MODEL_TIMEOUT, "no time left once the model was free", TIMEOUT)
+                return failure_response(ErrorCode.MODEL_TIMEOUT, "no time left once the model was free", TIMEOUT)
             sent = time.perf_counter_ns()
             response = await self._send(call.frame, "call", left)
             if isinstance(response, runner_pb2.CallResponse):
@@ -540,7 +541,7 @@ class ModelHost:
         except TimeoutError:
             message = f"no answer within {timeout:.3f} s; worker restarted"
             self._discard_worker(ErrorCode.MODEL_TIMEOUT, message)
-            return _failure(ErrorCode.MODEL_TIMEOUT, message, TIMEOUT)
+            return failure_response(ErrorCode.MODEL_TIMEOUT, message, TIMEOUT)
         except WorkerGone as exc:
             self._discard_worker(exc.code, exc.message)
             return _gone(exc)

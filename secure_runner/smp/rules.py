@@ -5,8 +5,8 @@ know about the connection, the registry, the replay cache and the clock. Each
 rule raises `AuthError` (or `RequestError` for an unparsable request) with its
 own stable code; SECURITY.md lists the test that proves each one.
 
-Every token-protected call (runner Setup / Call / Reset, orchestrator
-ReportFailure) goes through `authorize_call`:
+Every token-protected call (runner Setup / Call / FanOut / Reset,
+orchestrator ReportFailure) goes through `authorize_call`:
 
   SMP-1  The peer's certificate carries exactly one SPIFFE id and it names a
          coordinator of this crunch.                            PEER_UNAUTHENTICATED

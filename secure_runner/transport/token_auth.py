@@ -1,11 +1,11 @@
 """The token auth interceptor: authenticate a call before its request is parsed.
 
-For each protected unary method it swaps in a handler that receives the raw
-request bytes, so unauthenticated input never reaches the protobuf parser. The
+For each protected method (unary request; unary or streamed response) it swaps
+in a handler that receives the raw request bytes, so unauthenticated input never reaches the protobuf parser. The
 decision itself is `smp.rules.authorize_call`; this module only gathers its
 inputs (token metadata, peer certificate, method, clock), writes every allow and
 deny to the audit log, and turns refusals into gRPC statuses with a reason code.
-Used by the runner (Setup, Call, Reset) and the orchestrator (ReportFailure).
+Used by the runner (Setup, Call, FanOut, Reset) and the orchestrator (ReportFailure).
 """
 
 from __future__ import annotations
