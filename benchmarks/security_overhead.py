@@ -196,7 +196,7 @@ async def fan_out(fleet: Fleet, layout: pki.PkiLayout, rounds: int) -> dict[str,
             )
             assert response.status == runner_pb2.CALL_STATUS_SUCCESS, response
     shared = shared_call_bytes()
-    fan_out_shared = {node_id: fan_out_request([(m, shared) for m in models], "echo").SerializeToString()
+    fan_out_shared = {node_id: fan_out_request([(m, shared) for m in models], "echo", {}).SerializeToString()
                       for node_id, models in fleet.nodes.items()}
     all_models = [m for models in fleet.nodes.values() for m in models]
     calls = {node_id: channel.unary_unary(CALL_RPC, response_deserializer=runner_pb2.CallResponse.FromString)

@@ -34,7 +34,7 @@ import grpc
 from secure_runner import codec
 from secure_runner.client.fan_out import fan_out_request
 from secure_runner.client.node_channel import CALL_RPC, FANOUT_RPC, NodeChannels, channel_options
-from secure_runner.client.remote_model import ModelState, RemoteModel
+from secure_runner.client.remote_model import ModelState, RemoteModel, backoff_delay
 from secure_runner.client.results import CallResult, CallStatus, ModelIdentity
 from secure_runner.client.security import CallSigner, CoordinatorSecurity
 from secure_runner.errors import CodecError, ConfigError, ErrorCode, RequestError
@@ -200,7 +200,7 @@ class DynamicSubclassModelConcurrentRunner:
                 lost = "stream ended"
             except grpc.aio.AioRpcError as exc:
                 lost = exc.code().name
-            delay = RESYNC_BACKOFF_SECONDS[min(failures, len(RESYNC_BACKOFF_SECONDS) - 1)]
+            delay = backoff_delay(RESYNC_BACKOFF_SECONDS, failures)
             failures += 1
             log.warning("model list stream lost (%s); keeping %d known models, retrying in %.2f s",
                         lost, len(self._models), delay)
@@ -381,13 +381,14 @@ class DynamicSubclassModelConcurrentRunner:
         singles = [group[0] for group in nodes.values() if len(group) == 1]
         tokens = self._sign(method, singles, requests)
         prepared = []
+        parsed: dict[bytes, runner_pb2.CallRequest] = {}  # each distinct request parsed once for all nodes
         for (_, node_id), group in nodes.items():
             if len(group) == 1:
                 prepared.append((group, None))
                 continue
             for start in range(0, len(group), MAX_AUDIENCE):
                 chunk = group[start : start + MAX_AUDIENCE]
-                request = fan_out_request([(m.model_id, requests[m]) for m in chunk], method)
+                request = fan_out_request([(m.model_id, requests[m]) for m in chunk], method, parsed)
                 shared = request.SerializeToString()
                 token = self._signer.sign(
                     audience=[m.model_id for m in chunk], rpc=FANOUT_RPC, method=method, shared_body=shared
@@ -474,7 +475,7 @@ class DynamicSubclassModelConcurrentRunner:
                     wait_for_ready=True,
                 )
             except grpc.aio.AioRpcError as exc:
-                delay = RESYNC_BACKOFF_SECONDS[min(attempt, len(RESYNC_BACKOFF_SECONDS) - 1)]
+                delay = backoff_delay(RESYNC_BACKOFF_SECONDS, attempt)
                 attempt += 1
                 log.warning("failure report for %s not delivered (%s); retrying in %.2f s",
                             model.model_id, exc.code().name, delay)

@@ -19,13 +19,15 @@ import grpc
 from secure_runner.v1 import runner_pb2
 
 
-def fan_out_request(model_requests: Sequence[tuple[str, bytes]], method: str) -> runner_pb2.FanOutRequest:
+def fan_out_request(
+    model_requests: Sequence[tuple[str, bytes]], method: str, parsed: dict[bytes, runner_pb2.CallRequest]
+) -> runner_pb2.FanOutRequest:
     """The FanOut for (model id, shared Call bytes) pairs: common arguments once, the others per model.
 
-    Each distinct request is parsed once, so the usual case (the same arguments for
-    every model) costs one parse whatever the number of models.
+    Each distinct request is parsed once into `parsed`, which the caller keeps for every
+    node of one call, so the usual case (the same arguments for every model) costs one
+    parse whatever the number of models and nodes.
     """
-    parsed: dict[bytes, runner_pb2.CallRequest] = {}
     for _, shared in model_requests:
         if shared not in parsed:
             parsed[shared] = runner_pb2.CallRequest.FromString(shared)
@@ -43,7 +45,8 @@ def fan_out_request(model_requests: Sequence[tuple[str, bytes]], method: str) ->
     return request
 
 
-def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    """A call's failure made on this side, shaped like one gRPC reports."""
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
 
@@ -83,7 +86,7 @@ class NodeFlight:
         self.started = time.perf_counter()
 
     async def _read(self) -> None:
-        failure: Exception = _error(grpc.StatusCode.INTERNAL, "the node ended its stream without this model's result")
+        failure: Exception = rpc_error(grpc.StatusCode.INTERNAL, "the node ended its stream without this model's result")
         try:
             async for batch in self.call:
                 for result in batch.results:
@@ -93,7 +96,7 @@ class NodeFlight:
         except grpc.aio.AioRpcError as exc:
             failure = exc
         except asyncio.CancelledError:
-            failure = _error(grpc.StatusCode.CANCELLED, "the fan-out was cancelled")
+            failure = rpc_error(grpc.StatusCode.CANCELLED, "the fan-out was cancelled")
             raise
         except Exception as exc:  # noqa: BLE001 - a bug in the stream: a result per model, not a crash
             failure = exc

@@ -6,8 +6,9 @@ from the crunch CA for exactly the runner process hosting it; a runner hosting
 one model is named after it), and the cruncher's signed
 delegation must bind the TLS key the runner presents (SMP-30..35, checked
 against the coordinator's registry). A runner that fails either is reported as
-an auth failure for that model only. Requests are serialized here and signed
-over their exact bytes; gRPC sends those bytes unchanged.
+an auth failure for that model only. Setup requests are serialized and signed
+here, call requests by the concurrent runner (one token per fan-out), each over
+its exact bytes; gRPC sends those bytes unchanged.
 
 Connecting (identity check, then Setup) runs in the background and is retried
 with backoff while the runner cannot be reached, so a call never waits for a
@@ -38,7 +39,7 @@ from secure_runner.client.results import (
     Fault,
     ModelIdentity,
 )
-from secure_runner.client.fan_out import ModelFlight, NodeFlight
+from secure_runner.client.fan_out import ModelFlight, NodeFlight, rpc_error
 from secure_runner.client.node_channel import SETUP_RPC, NodeChannel
 from secure_runner.client.security import CallSigner, CoordinatorSecurity
 from secure_runner.errors import AuthError, CodecError, ConfigError, ErrorCode, RequestError, SecureRunnerError
@@ -65,6 +66,10 @@ _STATUS = {
 # Refusals meaning the runner no longer has our Setup (it restarted in place): set up again.
 _SETUP_LOST = frozenset({ErrorCode.METHOD_NOT_ALLOWED, ErrorCode.MODEL_NOT_SET_UP})
 
+
+def backoff_delay(schedule: Sequence[float], attempt: int) -> float:
+    """The delay before retry `attempt` (0-based): the schedule's entry, its last one from then on."""
+    return schedule[min(attempt, len(schedule) - 1)]
 
 class ModelState(StrEnum):
     CONNECTING = "CONNECTING"  # identity check and Setup in progress (first time, or after losing the runner)
@@ -110,9 +115,7 @@ class InFlight:
             if task is not None and task.cancelling():
                 raise  # the caller cancelled the fan-out
             # The call itself was cancelled: its channel closed under it (the model left the list).
-            return grpc.aio.AioRpcError(
-                grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(), "the model's channel was closed"
-            )
+            return rpc_error(grpc.StatusCode.CANCELLED, "the model's channel was closed")
         except Exception as exc:  # noqa: BLE001 - an AioRpcError, or a bug: either way a result, not a crash
             return exc
 
@@ -216,7 +219,7 @@ class RemoteModel:
             self.attempts += 1
             if settled:
                 return
-            await asyncio.sleep(RECONNECT_BACKOFF_SECONDS[min(attempt, len(RECONNECT_BACKOFF_SECONDS) - 1)])
+            await asyncio.sleep(backoff_delay(RECONNECT_BACKOFF_SECONDS, attempt))
             attempt += 1
 
     async def setup(

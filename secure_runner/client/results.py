@@ -39,7 +39,8 @@ Latency (`latency_us`) is the model's time plus the network's, not the
 coordinator's queueing. Every request is serialized and signed before the first
 one is sent; the clock of each call starts right after gRPC has started sending
 that call (a callback queued behind gRPC's own send step), and stops in gRPC's
-completion callback for that call, before any result of the fan-out is decoded
+completion callback for that call (for a model reached by its node's FanOut: when
+that model's result arrives on the stream), before any result of the fan-out is decoded
 (outputs are decoded only once every call has completed). So a model's latency
 does not include preparing other models' requests, nor handling other models'
 answers. It does include the runner's own work (token check, the pipe to the

@@ -21,7 +21,7 @@ from secure_runner.transport import tls
 
 @dataclass(frozen=True)
 class CoordinatorSecurity:
-    """A coordinator's credentials: mTLS files plus the Ed25519 call-signing key."""
+    """A coordinator's credentials: mTLS files, the Ed25519 call-signing key and its copy of the registry."""
 
     tls: tls.TlsFiles
     identity_key: Path
