@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     orch.add_argument(
         "--models-per-node", type=int, default=0,
         help="models hosted by one runner process, each in its own sandboxed worker "
-        "(default 0 = auto: one runner per CPU core; 1 = a runner per model)",
+        "(default 0 = auto: at most one runner per CPU core; 1 = a runner per model)",
     )
     orch.add_argument("--host", default="127.0.0.1")
     orch.add_argument("--port", type=int, default=0)

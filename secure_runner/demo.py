@@ -1,7 +1,7 @@
 """`secure-runner demo`: the whole system end to end, on loopback, in one command.
 
 It makes a throw-away PKI, starts the embedded orchestrator over the example
-submissions (a runner process per CPU core, a worker subprocess per model),
+submissions (at most one runner process per CPU core, a worker subprocess per model),
 then acts as a coordinator: a few rounds of `tick` and `predict` fanned out to
 every model, printing each model's status, latency and identity per call.
 """

@@ -4,7 +4,7 @@ Each subfolder of `submissions` is one submission whose folder name is its
 model id; only models present in the registry are started (their names and
 cruncher come from the registry, never from the untrusted folder). Models are
 packed `models_per_node` to a runner process (a model node; each model still in
-its own sandboxed worker); by default one node per CPU core, so a node's models
+its own sandboxed worker); by default at most one node per CPU core, so a node's models
 share its event loop instead of each paying for a process of its own. With one
 model per node, the node is named after its model. Each runner gets its own
 certificate for `spiffe://<crunch>/runner/<node-id>`, listens on a loopback
@@ -84,7 +84,7 @@ class LocalOrchestratorSettings:
     restart_backoff_max: float = 30.0
     stable_seconds: float = 30.0  # a runner up this long resets the backoff
     # Models per runner process (a model node, reached with one FanOut per call); 1: a runner per model;
-    # None or 0: one node per CPU core (see `pack`).
+    # None or 0: at most one node per CPU core (see `pack`).
     models_per_node: int | None = None
 
     @property
@@ -147,7 +147,7 @@ def usable_cpus() -> int:
 def pack(model_ids: list[str], models_per_node: int | None) -> dict[str, list[str]]:
     """Node id -> model ids. One model per node keeps the model's own id as the node id.
 
-    None or 0 packs ceil(models / CPU cores) per node: one runner per core.
+    None or 0 packs ceil(models / CPU cores) per node: at most one runner per core.
     """
     per_node = models_per_node or max(1, math.ceil(len(model_ids) / usable_cpus()))
     if per_node <= 1:

@@ -5,7 +5,7 @@ single-threaded) and returns one `LayerResult` per layer of `policy.LAYERS`.
 A layer that cannot be applied is reported with the reason; if it is
 required, the worker refuses to load code (`SandboxPolicy.refusal`). Each layer has
 its own module; none imports grpc, smp, transport or anything holding a key.
-Only the worker imports this module; the runner needs only `policy`.
+Only the worker imports this module (see the package docstring for the runner's side).
 
 The bindings are imported here, before the filesystem layer replaces the root
 and Landlock locks reads down.

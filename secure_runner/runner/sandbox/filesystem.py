@@ -8,7 +8,7 @@ submission. /tmp is a fresh size-capped tmpfs owned by the worker's uid (its
 only writable place), /proc is a new procfs with hidepid=2 (other users'
 processes are invisible), /dev has null, zero, full, random and urandom, and
 /etc holds only generated passwd, group, hosts and nsswitch files plus the
-dynamic loader's cache. Then pivot_root and detach the old root: no other
+dynamic loader's cache and the local time zone. Then pivot_root and detach the old root: no other
 path of the host exists any more, so the interpreter under a 0700 /root stays
 readable after the uid drop without changing the host.
 
