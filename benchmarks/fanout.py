@@ -1,6 +1,6 @@
 """Fan-out speed: this project (full security and sandbox) against raw gRPC and the reference.
 
-Usage: python benchmarks/fanout.py [--models 1,10,50,100] [--rounds 100] [--interval 0]
+Usage: python benchmarks/fanout.py [--models 1,10,50,100] [--rounds 100]
 
 Not a test: it prints figures for this machine. For each N it runs, in one process, the same
 fan-out of `echo(prices)` (100 floats, JSON) to N trivial models, back to back:
@@ -40,7 +40,7 @@ sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
 import reference_harness  # noqa: E402
-from procstat import cpu_seconds, descendants, rss_mb  # noqa: E402
+from procstat import cpu_seconds, descendants, p99, rss_mb  # noqa: E402
 
 from secure_runner import (  # noqa: E402
     Argument,
@@ -66,7 +66,7 @@ def summarize(times: list[float], calls: int, client_cpu: float, server_cpu: flo
     half = len(times) // 2
     return {
         "p50_ms": statistics.median(times) * 1e3,
-        "p99_ms": sorted(times)[max(0, int(len(times) * 0.99) - 1)] * 1e3,
+        "p99_ms": p99(times) * 1e3,
         "rounds_per_s": len(times) / sum(times),
         "client_cpu_us": client_cpu / calls * 1e6,
         "server_cpu_us": server_cpu / calls * 1e6,

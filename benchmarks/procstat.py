@@ -1,7 +1,8 @@
-"""Process figures from /proc for the benchmarks: CPU time, resident memory, process trees."""
+"""Figures for the benchmarks: CPU time, resident memory and process trees from /proc; percentiles."""
 
 from __future__ import annotations
 
+import math
 import os
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -41,3 +42,9 @@ def descendants(root: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def p99(samples: list[float]) -> float:
+    """The 99th percentile by nearest rank: with fewer than 100 samples, the slowest."""
+    ordered = sorted(samples)
+    return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]

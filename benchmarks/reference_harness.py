@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import math
 import os
 import selectors
 import shutil
@@ -46,7 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from procstat import cpu_seconds, rss_mb
+from procstat import cpu_seconds, p99, rss_mb
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_VENV = BENCH_DIR / ".reference-venv"
@@ -418,8 +417,6 @@ def run_reference(
 
         samples_ms = [s * 1000.0 for s in done["samples_s"]]
         calls = rounds * n_models
-        ordered = sorted(samples_ms)
-        p99_index = max(0, math.ceil(0.99 * len(ordered)) - 1)  # nearest rank
         return {
             "config": "reference (crunch-model-runner + model-runner-client, insecure)",
             "n_models": n_models,
@@ -427,7 +424,7 @@ def run_reference(
             "warmup": warmup,
             "interval_s": interval_s,
             "p50_ms": statistics.median(samples_ms),
-            "p99_ms": ordered[p99_index],
+            "p99_ms": p99(samples_ms),
             "rounds_per_s": rounds / (sum(samples_ms) / 1000.0),
             "client_cpu_us_per_call": done["cpu_s"] * 1e6 / calls,
             "runner_cpu_us_per_call": (cpu_after - cpu_before) * 1e6 / calls,
@@ -468,7 +465,7 @@ def run_reference(
 
 
 def default_payload(size: int = 100) -> list[float]:
-    """The benchmark payload: 100 floats (same values as our benchmarks' PRICES)."""
+    """The benchmark payload, for every configuration of every benchmark: 100 floats."""
     return [100.0 + i / 7 for i in range(size)]
 
 

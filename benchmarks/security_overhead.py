@@ -35,11 +35,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from procstat import cpu_seconds  # noqa: E402
+from procstat import cpu_seconds, p99  # noqa: E402
+from reference_harness import default_payload  # noqa: E402
 
 from secure_runner import codec, pki  # noqa: E402
 from secure_runner.client.fan_out import fan_out_request  # noqa: E402
 from secure_runner.client.node_channel import CALL_RPC, FANOUT_RPC, SETUP_RPC  # noqa: E402
+from secure_runner.orchestrator.local import pack  # noqa: E402
 from secure_runner.client.security import CallSigner, CoordinatorSecurity  # noqa: E402
 from secure_runner.smp import rules  # noqa: E402
 from secure_runner.smp.replay import ReplayCache  # noqa: E402
@@ -53,7 +55,7 @@ from secure_runner.v1 import runner_pb2  # noqa: E402
 CRUNCH = "bench"
 BASE = ROOT / "tests" / "models" / "base"
 SUBMISSION = ROOT / "tests" / "models" / "submissions" / "counter"
-PRICES = [100.0 + i / 7 for i in range(100)]
+PRICES = default_payload()
 
 
 def shared_call_bytes() -> bytes:
@@ -133,8 +135,7 @@ class Fleet:
 
     def __init__(self, kind: str, layout: pki.PkiLayout, model_ids: list[str], tmp: Path, per_node: int = 1) -> None:
         self.kind, self.procs, self.ports = kind, [], []
-        chunks = [model_ids[i : i + per_node] for i in range(0, len(model_ids), per_node)]
-        self.nodes = {(chunk[0] if per_node == 1 else f"node-{i}"): chunk for i, chunk in enumerate(chunks)}
+        self.nodes = pack(model_ids, per_node)  # node ids as the orchestrator names them
         port_files = []
         for node_id, models in self.nodes.items():
             port_file = tmp / f"{kind}-{node_id}-{time.monotonic_ns()}.port"
@@ -240,7 +241,7 @@ async def fan_out(fleet: Fleet, layout: pki.PkiLayout, rounds: int) -> dict[str,
     n_calls = rounds * len(all_models)
     result = {
         "p50_ms": statistics.median(times) * 1e3,
-        "p99_ms": sorted(times)[int(len(times) * 0.99) - 1] * 1e3,
+        "p99_ms": p99(times) * 1e3,
         "runner_cpu_us": (fleet.cpu_seconds() - server_cpu) / n_calls * 1e6,
         "client_cpu_us": (time.process_time() - client_cpu) / n_calls * 1e6,
         "samples": times,

@@ -169,10 +169,6 @@ def credentials(layout: pki.PkiLayout, *, client_cert: bool = True) -> grpc.Chan
     return tls.channel_credentials(tls.TlsFiles(layout.coordinator_cert, layout.coordinator_key, layout.ca_cert))
 
 
-def json_arg(value) -> runner_pb2.values__pb2.Argument:
-    return codec.encode_arguments([value], {})[0][0]
-
-
 class RawCoordinator:
     """Speaks the runner protocol by hand, so tests can forge every part of a call."""
 

@@ -38,6 +38,7 @@ from conftest import (
     MODELS,
     RawCoordinator,
     assert_refused,
+    by_id,
     forge_certificate,
     forged_credentials,
 )
@@ -398,7 +399,7 @@ async def test_runner_identity_failure_blames_that_model_only_and_sends_it_nothi
     try:
         await client.init()
         arguments, _ = encode_arguments(["hello"], {})
-        results = {m.model_id: r for m, r in (await client.call("echo", arguments)).items()}
+        results = by_id(await client.call("echo", arguments))
         expected = ErrorCode.DELEGATION_KEY_MISMATCH if attack == "undelegated-tls-key" else ErrorCode.DELEGATION_BAD_SIGNATURE
         assert results["counter"].status is CallStatus.FAILURE and results["counter"].reason == expected
         assert results["async-model"].status is CallStatus.SUCCESS and results["async-model"].output == {"echoed": "hello"}

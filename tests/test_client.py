@@ -18,8 +18,15 @@ from secure_runner.transport import tls
 from secure_runner.transport.status import reason_of
 from secure_runner.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
-from conftest import BASE_PATH, CRUNCH, MODELS, json_args, make_client
+from conftest import BASE_PATH, CRUNCH, MODELS, by_id, eventually, json_args, make_client
 
+
+
+async def _stopped_by_report(orchestrator, model_id: str) -> None:
+    await eventually(
+        lambda: orchestrator.board.get(model_id).state == orchestrator_pb2.MODEL_STATE_STOPPED,
+        timeout=5, what=f"{model_id} stopped by the failure report",
+    )
 
 @pytest.fixture(scope="module")
 def orchestrator(layout, tmp_path_factory):
@@ -65,14 +72,6 @@ async def own_orchestrator(layout, tmp_path):
     await orchestrator.stop()
 
 
-async def _stopped_by_report(orchestrator, model_id: str) -> bool:
-    for _ in range(500):
-        if orchestrator.board.get(model_id).state == orchestrator_pb2.MODEL_STATE_STOPPED:
-            return True
-        await asyncio.sleep(0.01)
-    return False
-
-
 @pytest.fixture
 async def client(layout, orchestrator):
     runner = make_client(layout, orchestrator)
@@ -82,11 +81,10 @@ async def client(layout, orchestrator):
 
 
 async def test_fan_out_returns_one_result_per_model_with_identity(client):
-    results = await client.call("echo", json_args({"price": 101.5}))
-    by_id = {model.model_id: result for model, result in results.items()}
-    assert set(by_id) == {"counter", "async-model", "no-candidate", "two-candidates"}
+    results = by_id(await client.call("echo", json_args({"price": 101.5})))
+    assert set(results) == {"counter", "async-model", "no-candidate", "two-candidates"}
 
-    counter = by_id["counter"]
+    counter = results["counter"]
     assert counter.status is CallStatus.SUCCESS and counter.output == {"price": 101.5}
     assert (counter.model_name, counter.cruncher_id, counter.cruncher_name) == ("Counter", "alice", "Alice")
     assert counter.deployment_id.startswith("counter-")
@@ -94,10 +92,10 @@ async def test_fan_out_returns_one_result_per_model_with_identity(client):
     # Reference-client names still work.
     assert counter.result == counter.output and counter.exec_time_us == counter.latency_us
 
-    assert by_id["async-model"].output == {"echoed": {"price": 101.5}}
-    assert by_id["no-candidate"].status is CallStatus.FAILURE
-    assert by_id["no-candidate"].reason == ErrorCode.SETUP_NO_CANDIDATE
-    assert by_id["two-candidates"].reason == ErrorCode.SETUP_MANY_CANDIDATES
+    assert results["async-model"].output == {"echoed": {"price": 101.5}}
+    assert results["no-candidate"].status is CallStatus.FAILURE
+    assert results["no-candidate"].reason == ErrorCode.SETUP_NO_CANDIDATE
+    assert results["two-candidates"].reason == ErrorCode.SETUP_MANY_CANDIDATES
 
 
 async def test_subset_of_models(client):
@@ -105,7 +103,7 @@ async def test_subset_of_models(client):
     assert [m.model_id for m in results] == ["async-model"]
     assert await client.call("echo", json_args(1), models=[]) == {}
     # An id that is not running still gets its one result, blaming no model.
-    results = {m.model_id: r for m, r in (await client.call("echo", json_args(1), models=["counter", "nobody"])).items()}
+    results = by_id(await client.call("echo", json_args(1), models=["counter", "nobody"]))
     assert results["counter"].status is CallStatus.SUCCESS
     assert (results["nobody"].status, results["nobody"].reason) == (CallStatus.FAILURE, ErrorCode.MODEL_UNAVAILABLE)
     assert results["nobody"].fault is Fault.INFRASTRUCTURE
@@ -132,7 +130,7 @@ async def test_timeouts_disconnect_a_model_after_the_limit(layout, own_orchestra
         assert result.reason == ErrorCode.MODEL_TIMEOUT
         connected = {m.model_id for m in runner.models}
         assert ("counter" in connected) is (attempt == 1)
-    assert await _stopped_by_report(own_orchestrator, "counter")
+    await _stopped_by_report(own_orchestrator, "counter")
     await runner.close()
 
 
@@ -163,7 +161,7 @@ async def test_failures_disconnect_a_model_after_the_limit(layout, own_orchestra
     assert "counter" in {m.model_id for m in runner.models}
     await runner.call("fail", json_args("boom"), models=["counter"])
     assert "counter" not in {m.model_id for m in runner.models}
-    assert await _stopped_by_report(own_orchestrator, "counter")
+    await _stopped_by_report(own_orchestrator, "counter")
     assert own_orchestrator.board.get("async-model").state == orchestrator_pb2.MODEL_STATE_RUNNING
     # Stopped on purpose: the orchestrator does not restart it.
     await asyncio.sleep(1.0)
@@ -245,7 +243,7 @@ async def test_sync_applies_live_membership_changes(layout, own_orchestrator):
 
 def test_a_fault_already_reported_is_not_counted_again():
     """The runner's MODEL_RESTARTING (tests/test_sandbox.py shows it sent) blames no model, and cools it down."""
-    from secure_runner.client.results import RESTARTING_FAULTS, Fault, fault_of
+    from secure_runner.client.results import RESTARTING_FAULTS, fault_of
 
     assert fault_of(CallStatus.FAILURE, ErrorCode.MODEL_RESTARTING) is Fault.INFRASTRUCTURE
     assert fault_of(CallStatus.FAILURE, ErrorCode.WORKER_CRASHED) is Fault.MODEL

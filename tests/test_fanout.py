@@ -15,7 +15,7 @@ from secure_runner.smp.token import model_id_field
 from secure_runner.transport.status import TOKEN_KEY
 from secure_runner.v1 import runner_pb2
 
-from conftest import MODELS, RawCoordinator, RunnerProcess, assert_refused, write_submission
+from conftest import MODELS, RawCoordinator, RunnerProcess, assert_refused, by_id, write_submission
 
 FANOUT_RPC = "/secure_runner.v1.ModelRunner/FanOut"
 NODE = "node-a"
@@ -181,7 +181,7 @@ async def test_client_reaches_packed_models_with_one_fan_out_per_node(layout, tm
         assert orchestrator.board.get("two-candidates").node_id == "node-1"
         arguments, _ = codec.encode_arguments(["tick"], {})
         for _ in range(3):
-            results = {m.model_id: r for m, r in (await client.call("echo", arguments)).items()}
+            results = by_id(await client.call("echo", arguments))
             assert {m: r.status for m, r in results.items()} == dict.fromkeys(results, CallStatus.SUCCESS)
             assert results["async-model"].output == {"echoed": "tick"} and results["counter"].output == "tick"
             assert all(r.latency_us > 0 for r in results.values())
@@ -193,7 +193,7 @@ async def test_client_reaches_packed_models_with_one_fan_out_per_node(layout, tm
         assert single.count("ModelRunner/Call") == 3 and "FanOut" not in single
         # A model fault on a node is that model's alone.
         per_model = lambda identity: codec.encode_arguments(["boom" if identity.model_id == "counter" else "ok"], {})[0]
-        results = {m.model_id: r for m, r in (await client.call("fail", per_model)).items()}
+        results = by_id(await client.call("fail", per_model))
         assert results["counter"].reason == ErrorCode.MODEL_RAISED and results["counter"].message == "RuntimeError: boom"
     finally:
         await client.close()

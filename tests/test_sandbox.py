@@ -60,7 +60,7 @@ def sandbox_available() -> None:
 
 
 @pytest.fixture(scope="module")
-def attacker(tmp_path_factory) -> Path:
+def attacker(tmp_path_factory, sandbox_available) -> Path:
     """A copy of the attacker submission plus a setuid-root copy of `id` inside it."""
     folder = tmp_path_factory.mktemp("attacker") / "attacker"
     shutil.copytree(PROBES / "attacker", folder)
