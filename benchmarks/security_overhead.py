@@ -45,7 +45,7 @@ from secure_runner.orchestrator.local import pack  # noqa: E402
 from secure_runner.client.security import CallSigner, CoordinatorSecurity  # noqa: E402
 from secure_runner.smp import rules  # noqa: E402
 from secure_runner.smp.replay import ReplayCache  # noqa: E402
-from secure_runner.smp.token import model_id_field  # noqa: E402
+from secure_runner.smp.token import MAX_DESTINATIONS, model_id_field  # noqa: E402
 from secure_runner.transport import tls  # noqa: E402
 from secure_runner.transport.audit_log import AuditLog  # noqa: E402
 from secure_runner.transport.registry_file import RegistryFile  # noqa: E402
@@ -76,16 +76,20 @@ def verification_cost(layout: pki.PkiLayout, iterations: int = 5000) -> tuple[fl
     cert_pem = layout.coordinator_cert.read_bytes()
     peer = (f"spiffe://{CRUNCH}/coordinator/{signer.key_id}",)
     cert_hash = tls.cert_sha256(tls.pem_to_der(cert_pem))
+    destination = tls.spki_sha256(tls.pem_to_der(layout.orchestrator_cert.read_bytes()))  # any server's key
     sign_times, tokens = [], []
     for _ in range(iterations):
         started = time.perf_counter()
-        tokens.append(signer.sign(audience=["m0000"], rpc=CALL_RPC, method="echo", shared_body=shared))
+        tokens.append(signer.sign(
+            audience=["m0000"], destinations=[destination], cert_sha256=cert_hash, rpc=CALL_RPC, method="echo",
+            shared_body=shared,
+        ))
         sign_times.append(time.perf_counter() - started)
     cache = ReplayCache()
     verify_times = []
     for token in tokens:
         started = time.perf_counter()
-        ctx = rules.CallContext(CRUNCH, CALL_RPC, peer, cert_hash, body, int(time.time()), 0)
+        ctx = rules.CallContext(CRUNCH, CALL_RPC, peer, cert_hash, body, int(time.time()), 0, frozenset({destination}))
         rules.authorize_call([token], ctx, registry, cache, runner_pb2.CallRequest.FromString)
         verify_times.append(time.perf_counter() - started)
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,6 +183,9 @@ async def fan_out(fleet: Fleet, layout: pki.PkiLayout, rounds: int) -> dict[str,
     secure = fleet.kind == "secure"
     security = CoordinatorSecurity.from_pki_dir(layout.root)
     signer = CallSigner(security, CRUNCH)
+    cert_hash = tls.cert_sha256(tls.pem_to_der(security.tls.cert.read_bytes()))
+    destination = {node_id: tls.spki_sha256(tls.pem_to_der(layout.runner_cert(node_id).read_bytes()))
+                   for node_id in fleet.nodes} if secure else {}
     channels = {}
     for (node_id, models), port in zip(fleet.nodes.items(), fleet.ports):
         if secure:
@@ -191,7 +198,11 @@ async def fan_out(fleet: Fleet, layout: pki.PkiLayout, rounds: int) -> dict[str,
     for node_id, models in fleet.nodes.items():
         setup = channels[node_id].unary_unary(SETUP_RPC, response_deserializer=runner_pb2.SetupResponse.FromString)
         for model_id in models:
-            token = signer.sign(audience=[model_id], rpc=SETUP_RPC, method="", shared_body=setup_shared)
+            token = signer.sign(
+                audience=[model_id], destinations=[destination.get(node_id, cert_hash)],  # plain runners ignore it
+                cert_sha256=cert_hash,
+                rpc=SETUP_RPC, method="", shared_body=setup_shared,
+            )
             response = await setup(
                 model_id_field(model_id) + setup_shared, metadata=((TOKEN_KEY, token),), wait_for_ready=True, timeout=60
             )
@@ -209,22 +220,36 @@ async def fan_out(fleet: Fleet, layout: pki.PkiLayout, rounds: int) -> dict[str,
         if len(models) == 1:
             metadata = ()
             if secure:
-                metadata = ((TOKEN_KEY, signer.sign(audience=models, rpc=CALL_RPC, method="echo", shared_body=shared)),)
+                metadata = ((TOKEN_KEY, signer.sign(
+                    audience=models, destinations=[destination[node_id]], cert_sha256=cert_hash, rpc=CALL_RPC,
+                    method="echo", shared_body=shared,
+                )),)
             return [await calls[node_id](model_id_field(models[0]) + shared, metadata=metadata, timeout=10)]
         body = fan_out_shared[node_id]
         metadata = ()
         if secure:  # one signature and one check per node
-            metadata = ((TOKEN_KEY, signer.sign(audience=models, rpc=FANOUT_RPC, method="echo", shared_body=body)),)
+            metadata = ((TOKEN_KEY, signer.sign(
+                audience=models, destinations=[destination[node_id]], cert_sha256=cert_hash, rpc=FANOUT_RPC,
+                method="echo", shared_body=body,
+            )),)
         stream = streams[node_id](model_id_field(node_id) + body, metadata=metadata, timeout=10)
         return [result.response async for batch in stream for result in batch.results]
 
     async def one_round() -> list:
         if all(len(models) == 1 for models in fleet.nodes.values()) and secure:
-            # One-model runners: one signature for the whole fan-out (audience <= 64 models).
-            token = signer.sign(audience=all_models, rpc=CALL_RPC, method="echo", shared_body=shared)
+            # One-model runners: one signature per MAX_DESTINATIONS runners, as the client signs.
+            nodes = list(fleet.nodes.items())
+            tokens = {}
+            for start in range(0, len(nodes), MAX_DESTINATIONS):
+                chunk = nodes[start : start + MAX_DESTINATIONS]
+                token = signer.sign(
+                    audience=[models[0] for _, models in chunk], destinations=[destination[n] for n, _ in chunk],
+                    cert_sha256=cert_hash, rpc=CALL_RPC, method="echo", shared_body=shared,
+                )
+                tokens.update(dict.fromkeys((n for n, _ in chunk), token))
             return await asyncio.gather(*(
-                calls[node_id](model_id_field(models[0]) + shared, metadata=((TOKEN_KEY, token),), timeout=10)
-                for node_id, models in fleet.nodes.items()
+                calls[node_id](model_id_field(models[0]) + shared, metadata=((TOKEN_KEY, tokens[node_id]),), timeout=10)
+                for node_id, models in nodes
             ))
         batches = await asyncio.gather(*(node_round(node_id, models) for node_id, models in fleet.nodes.items()))
         return [response for batch in batches for response in batch]

@@ -12,7 +12,20 @@ worker, which imports `secure_runner.codec`, never pulls in grpc or key code.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import TYPE_CHECKING
+
+# TLS 1.3 only (SECURITY.md T-1). grpcio has no TLS version setting; its core reads
+# this cipher list from the C environment once, when grpc is first imported. Naming
+# only a PSK suite, which grpc never negotiates, leaves TLS 1.2 no cipher (TLS 1.3
+# suites are not configurable and stay on). Servers check at start that it took
+# effect (tls.check_tls13_only). putenv, not os.environ: grpc reads the C environment,
+# and the sandboxed worker, which imports this package for the codec, checks that its
+# os.environ holds only the variables the runner gave it.
+_TLS13_CIPHERS = "PSK-AES128-CBC-SHA"
+TLS13_ONLY = "grpc" not in sys.modules or os.environ.get("GRPC_SSL_CIPHER_SUITES") == _TLS13_CIPHERS
+os.putenv("GRPC_SSL_CIPHER_SUITES", _TLS13_CIPHERS)
 
 _EXPORTS = {
     "DynamicSubclassModelConcurrentRunner": "secure_runner.client.concurrent_runner",

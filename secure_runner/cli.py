@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
+import logging.handlers
 import os
 import signal
 import sys
 from pathlib import Path
 
 from secure_runner.errors import SecureRunnerError
+
+LOG_FILE_BYTES = 8 << 20  # a runner's log file is rotated at this size (one old file kept): a model's output is bounded
 
 
 def _model_arg(value: str) -> tuple[str, Path]:
@@ -21,13 +25,13 @@ def _model_arg(value: str) -> tuple[str, Path]:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
 
 
-async def _serve_until_signalled(make_server, control=None) -> None:
+async def _serve_until_signalled(make_server, make_control=None) -> None:
     """Build the server inside the running loop (grpc.aio binds to it), serve until SIGINT/SIGTERM.
 
-    `control(server)`, if given, runs once the server is ready; its end stops the server too.
+    `make_control(server)`, if given, makes the runner's control channel, listening before READY.
     """
     server = make_server()
     stop = asyncio.Event()
@@ -35,11 +39,13 @@ async def _serve_until_signalled(make_server, control=None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     port = await server.start()
+    channel = make_control(server) if make_control is not None else None
+    if channel is not None:
+        await channel.start()
     print(f"READY {port}", flush=True)
-    if control is not None:
-        controlling = asyncio.create_task(control(server))
-        controlling.add_done_callback(lambda _task: stop.set())
     await stop.wait()
+    if channel is not None:
+        channel.close()
     await server.stop()
 
 
@@ -84,7 +90,10 @@ def _runner(args: argparse.Namespace) -> int:
         registry=Path(registry),
         audit_log=args.audit_log,
         replay_cache_size=args.replay_cache_size,
-        time_policy=TimePolicy(skew_seconds=args.clock_skew, max_lifetime_seconds=args.max_token_lifetime),
+        time_policy=TimePolicy(
+            skew_seconds=args.clock_skew, max_lifetime_seconds=args.max_token_lifetime,
+            max_registry_age_seconds=args.max_registry_age,
+        ),
         handshake_timeout_ms=args.handshake_timeout_ms,
         base_paths=args.base_path,
         host=args.host,
@@ -92,8 +101,12 @@ def _runner(args: argparse.Namespace) -> int:
         limits=sandbox_options.limits_from(args),
         sandbox=sandbox_options.policy_from(args),
     )
-    serve_control = control.serve if args.control_stdin else None
-    run_event_loop(_serve_until_signalled(lambda: RunnerServer(settings), serve_control))
+    make_control = None
+    if args.control_socket:  # refused before anything starts if the socket's directory is not private
+        control.check_socket_path(args.control_socket)
+        control.check_private_directory(args.control_socket.parent)
+        make_control = functools.partial(control.ControlChannel, path=args.control_socket, deployment=args.deployment)
+    run_event_loop(_serve_until_signalled(lambda: RunnerServer(settings), make_control))
     return 0
 
 
@@ -108,9 +121,20 @@ def _orchestrator(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         audit_dir=args.audit_dir,
-        models_per_node=args.models_per_node,
+        state_dir=args.state_dir,
+        stop_models_on_exit=args.stop_models_on_exit,
+        models_per_node=args.models_per_node or (1 if args.backend == "kubernetes" else 0),  # a Pod per model
+        credentials_mode=args.credentials,
     )
-    run_event_loop(_serve_until_signalled(lambda: LocalOrchestrator(settings)))
+    launcher = None  # the default: local runner processes
+    if args.backend == "kubernetes":
+        from secure_runner import pki
+        from secure_runner.orchestrator.kubernetes import KubernetesLauncher, load_settings
+
+        if args.kubernetes_settings is None:
+            raise SystemExit("secure-runner orchestrator: --backend kubernetes needs --kubernetes-settings FILE")
+        launcher = KubernetesLauncher(load_settings(args.kubernetes_settings), args.crunch, pki.PkiLayout(args.pki))
+    run_event_loop(_serve_until_signalled(lambda: LocalOrchestrator(settings, launcher=launcher)))
     return 0
 
 
@@ -142,61 +166,126 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="PKI, orchestrator, example models and a coordinator, end to end")
-    demo.add_argument("--rounds", type=int, default=3)
+    demo.add_argument("--rounds", type=int, default=3, help="coordinator rounds of tick + predict (default 3)")
     demo.add_argument("--timeout", type=float, default=1.0, help="per-call timeout in seconds")
     demo.add_argument("--examples", type=Path, default=None, help="examples folder (default: the repo's)")
     _add_common(demo)
     demo.set_defaults(func=_demo, log_level="ERROR")
 
     runner = sub.add_parser("runner", help="serve submissions (each in its own worker subprocess)")
-    runner.add_argument("--crunch", required=True)
-    runner.add_argument("--model", type=_model_arg, action="append", required=True, metavar="ID=PATH")
+    runner.add_argument("--crunch", required=True, help="the crunch id")
+    runner.add_argument(
+        "--model", type=_model_arg, action="append", required=True, metavar="ID=PATH",
+        help="a submission to host: its model id and folder (repeatable: a model node)",
+    )
     runner.add_argument(
         "--node-id", help="this runner's identity (its TLS certificate names it); default: its only model's id"
     )
     runner.add_argument("--pki", type=Path, help="a `pki init` folder to take the files below from")
-    runner.add_argument("--cert", type=Path)
-    runner.add_argument("--key", type=Path)
-    runner.add_argument("--ca", type=Path)
-    runner.add_argument("--registry", type=Path)
+    runner.add_argument("--cert", type=Path, help="this runner's TLS certificate (default: from --pki)")
+    runner.add_argument("--key", type=Path, help="its TLS key (default: from --pki)")
+    runner.add_argument("--ca", type=Path, help="the crunch CA certificate (default: from --pki)")
+    runner.add_argument("--registry", type=Path, help="the registry file (default: from --pki)")
     runner.add_argument("--base-path", type=Path, action="append", default=[], help="folder with the base class")
-    runner.add_argument("--host", default="127.0.0.1")
-    runner.add_argument("--port", type=int, default=0)
+    runner.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    runner.add_argument("--port", type=int, default=0, help="port to serve on (default 0: any free port, printed as READY <port>)")
     runner.add_argument("--audit-log", type=Path, default=Path("audit.jsonl"), help="hash-chained decision log")
     runner.add_argument("--replay-cache-size", type=int, default=200_000, help="nonces remembered (fails closed)")
     runner.add_argument("--clock-skew", type=int, default=5, help="seconds of clock skew tolerated")
     runner.add_argument("--max-token-lifetime", type=int, default=60, help="seconds")
-    runner.add_argument("--handshake-timeout-ms", type=int, default=5_000)
+    runner.add_argument(
+        "--max-registry-age", type=int, default=60,
+        help="seconds the registry may go without a successful reload before every call is refused",
+    )
+    runner.add_argument("--handshake-timeout-ms", type=int, default=5_000, help="TLS handshake timeout (default 5000)")
     runner.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
-    # Per-model STOP / REDEPLOY commands from the parent on stdin; its end of file stops the runner.
-    runner.add_argument("--control-stdin", action="store_true", help=argparse.SUPPRESS)
+    runner.add_argument(
+        "--control-socket", type=Path,
+        help="unix socket for the orchestrator's STOP / REDEPLOY / STATUS commands (runner/control.py); "
+        "its directory must be this user's, mode 0700",
+    )
+    runner.add_argument(
+        "--deployment", default="manual", help="the deployment id this runner was started as (answered on STATUS)"
+    )
+    runner.add_argument(
+        "--log-file", type=Path,
+        help="write logs (worker output included) to this file, rotated at 8 MiB, instead of stderr",
+    )
     _add_sandbox_flags(runner)
     _add_common(runner)
     runner.set_defaults(func=_runner)
 
-    orch = sub.add_parser("orchestrator", help="start a runner per submission folder and serve the model list")
-    orch.add_argument("--crunch", required=True)
-    orch.add_argument("--submissions", type=Path, required=True)
-    orch.add_argument("--pki", type=Path, required=True)
-    orch.add_argument("--base-path", type=Path, action="append", default=[])
+    orch = sub.add_parser(
+        "orchestrator", help="start a runner per submission folder and serve the model list",
+        description="Serve a crunch's model list (and the operator RPCs) over mTLS, running its submissions as "
+        "runner processes. Runners outlive the orchestrator: a restarted orchestrator adopts the runners still "
+        "alive (same deployments) from its state store and restarts only the dead ones.",
+    )
+    orch.add_argument("--crunch", required=True, help="the crunch id")
+    orch.add_argument(
+        "--submissions", type=Path, required=True,
+        help="folder of submissions, one subfolder per model, named by its model id (registered models only)",
+    )
+    orch.add_argument(
+        "--pki", type=Path, required=True,
+        help="a `pki init` folder (test-pki), or the runner host's folder (production): CA certificate, "
+        "certificates, registry.json",
+    )
+    orch.add_argument(
+        "--credentials", choices=["test-pki", "production"], default="test-pki",
+        help="test-pki (default; DEMO AND TESTS ONLY): this orchestrator is the CA and signs delegations with the "
+        "crunchers' keys from --pki. production: it holds neither; runner certificates (CSRs the operator signed) "
+        "and delegations (signed by each cruncher) are installed with `secure-runner pki runner-host ...`",
+    )
+    orch.add_argument(
+        "--base-path", type=Path, action="append", default=[],
+        help="folder holding the game's base class, readable by every worker (repeatable)",
+    )
     orch.add_argument("--audit-dir", type=Path, default=None, help="default: `audit` beside the PKI folder")
+    orch.add_argument(
+        "--state-dir", type=Path, default=None,
+        help="the durable state (SQLite store, runners' control sockets, runner logs); default: `state` beside "
+        "the PKI folder",
+    )
+    orch.add_argument(
+        "--stop-models-on-exit", action=argparse.BooleanOptionalAction, default=False,
+        help="on SIGINT/SIGTERM, stop every runner too (default: no, they keep serving and the next orchestrator "
+        "adopts them; a SIGKILLed orchestrator never stops them)",
+    )
     orch.add_argument(
         "--models-per-node", type=int, default=0,
         help="models hosted by one runner process, each in its own sandboxed worker "
         "(default 0 = auto: at most one runner per CPU core; 1 = a runner per model)",
     )
-    orch.add_argument("--host", default="127.0.0.1")
-    orch.add_argument("--port", type=int, default=0)
+    orch.add_argument(
+        "--backend", choices=["local", "kubernetes"], default="local",
+        help="where runners run: local processes (default), or one hardened Pod per node (README: Deploying on "
+        "Kubernetes; needs the `kubernetes` extra and --kubernetes-settings; --models-per-node defaults to 1 there)",
+    )
+    orch.add_argument(
+        "--kubernetes-settings", type=Path, default=None,
+        help="JSON file of the Kubernetes backend's settings (namespace, image, submissions_claim, runtime_class, "
+        "cpu, memory, max_restarts, restart_window_seconds, ...: orchestrator/kubernetes.py KubernetesSettings)",
+    )
+    orch.add_argument("--host", default="127.0.0.1", help="address to serve on, and runners' too (default 127.0.0.1)")
+    orch.add_argument("--port", type=int, default=9091, help="port to serve on (default 9091; 0: any free port)")
     _add_common(orch)
     orch.set_defaults(func=_orchestrator)
 
-    sub.add_parser("pki", help="make a test PKI (see `secure-runner pki init --help`)", add_help=False)
+    sub.add_parser(
+        "pki", help="keys and certificates: per party (ca, coordinator, operator, cruncher, runner-host, registry) "
+        "or the demo's one-shot test PKI (init); see `secure-runner pki --help`", add_help=False,
+    )
 
     check = sub.add_parser("sandbox-check", help="probe which worker sandbox layers work on this machine")
     _add_sandbox_flags(check)
     _add_common(check)
     check.set_defaults(func=_sandbox_check, log_level="ERROR")
     sub.add_parser("audit", help="verify an audit log (see `secure-runner audit verify --help`)", add_help=False)
+    sub.add_parser(
+        "models", help="operator: list, stop, redeploy, restart-node, logs (see `secure-runner models --help`)",
+        add_help=False,
+    )
     return parser
 
 
@@ -210,8 +299,14 @@ def main(argv: list[str] | None = None) -> int:
         from secure_runner import audit_cli
 
         return audit_cli.main(argv[1:])
+    if argv[:1] == ["models"]:
+        from secure_runner import operator_cli
+
+        return operator_cli.main(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_file = getattr(args, "log_file", None)
+    handlers = [logging.handlers.RotatingFileHandler(log_file, maxBytes=LOG_FILE_BYTES, backupCount=1)] if log_file else None
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers)
     try:
         return args.func(args)
     except SecureRunnerError as exc:

@@ -85,6 +85,7 @@ async def run_demo(rounds: int = 3, examples: Path | None = None, timeout: float
                 base_paths=[examples],
                 runner_log_level="ERROR",
                 allow_missing_layers=missing,
+                stop_models_on_exit=True,  # the demo leaves no runner behind
             )
         )
         port = await orchestrator.start()

@@ -1,8 +1,8 @@
 """Certificates and keys: a small private PKI per crunch, and the files it lives in.
 
-Every TLS peer (coordinator, orchestrator, runner) holds a leaf certificate issued
-by the crunch's CA; coordinators additionally hold an Ed25519 *identity* key that
-signs call tokens, and each cruncher holds one too. The choices, and why:
+Every TLS peer (coordinator, operator, orchestrator, runner) holds a leaf certificate
+issued by the crunch's CA; coordinators and operators additionally hold an Ed25519
+*identity* key that signs call tokens, and each cruncher holds one too. The choices, and why:
 
 * **Short-lived leaves** (7 days by default, CA 30 days). Nothing here implements
   revocation lists or OCSP; a leaf that leaks stops working on its own soon, and
@@ -16,22 +16,23 @@ signs call tokens, and each cruncher holds one too. The choices, and why:
   gRPC) fails the handshake with NO_COMMON_SIGNATURE_ALGORITHMS when the *leaf*
   key is Ed25519, because the signature algorithms gRPC offers in the handshake
   do not include Ed25519. ECDSA P-256 with SHA-256 is offered everywhere.
-* **Ed25519 CA key.** The CA's key only signs certificates, it never takes part
-  in a handshake's CertificateVerify, and BoringSSL verifies Ed25519 certificate
-  signatures in the chain just fine, so the CA can be Ed25519 over P-256 leaves.
-  The CA is `path_length=0`: it issues leaves only, never intermediate CAs.
+* **P-256 CA key** (ECDSA with SHA-256). Standard path validation
+  (`cryptography.x509.verification`, the CA/Browser Forum profile) refuses Ed25519
+  signatures, and every certificate a party installs is path-validated
+  (provisioning/certs.py: `verify_leaf`). The CA is `path_length=0`: it issues leaves
+  only, never intermediate CAs. (CAs made by older versions were Ed25519; they still
+  sign, see `signature_hash`, but their leaves do not pass `verify_leaf`.)
 * **Exactly one URI SAN** (`spiffe://<crunch>/<role>/<id>`) plus one DNS SAN
   (`PeerIdentity.tls_server_name`). gRPC exposes the peer's URI SAN as the
   `peer_spiffe_id` auth-context property only when the certificate has exactly
   one URI SAN; with two the property is silently absent, and authorization would
   have nothing to go on. (`context.peer_identities()` is no substitute: it lists
   every SAN, URI and DNS alike.) The DNS SAN is what clients pin with
-  `grpc.ssl_target_name_override`.
-* **Extended key usage serverAuth + clientAuth for every role.** Runners and
-  orchestrators are servers and coordinators are clients, but an orchestrator
-  also calls runners, and a single code path for all leaves is easier to audit
-  than per-role variants. What a peer may *do* is decided by its SPIFFE id
-  (role + id), never by its EKU.
+  `grpc.ssl_target_name_override`. The CA sets both from the operator's approval,
+  never from the CSR (provisioning/ca.py).
+* **Extended key usage per role** (provisioning/ca.py: `ROLE_EKU`): coordinators and
+  operators clientAuth only; orchestrators and runners serverAuth and clientAuth.
+  What a peer may *do* is still decided by its SPIFFE id (role + id), never by its EKU.
 * **Key files are PKCS#8 PEM, unencrypted, mode 0600**, written via a temporary
   file created with `os.open(..., 0o600)` then atomically renamed, so a key is
   never world-readable, not even for an instant, and a reader never sees half a
@@ -42,9 +43,12 @@ signs call tokens, and each cruncher holds one too. The choices, and why:
   (`validate_id`), and its TLS certificate's URI names that key id, so a token's
   key id and the connection it arrives on can be tied together.
 
-`make_test_pki` writes a complete layout (CA, coordinator, orchestrator, one
-runner per model, one identity key per cruncher, and `registry.json`) for tests,
-examples and a local deployment; `main` is the `secure-runner pki` CLI.
+`make_test_pki` writes a complete layout (CA, coordinator, operator, orchestrator, one
+runner per model, one identity key per cruncher, and `registry.json`) for tests and the
+demo by running every party's provisioning steps (secure_runner/provisioning/) in one
+folder; `main` is the `secure-runner pki` CLI: `init` and `renew` for that test PKI, and
+one command group per party (`ca`, `coordinator`, `operator`, `cruncher`, `runner-host`,
+`registry`) for a deployment where each party keeps its own keys.
 """
 
 from __future__ import annotations
@@ -66,17 +70,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from nacl.signing import SigningKey
 
 from secure_runner.errors import ConfigError, ErrorCode, SecureRunnerError
 from secure_runner.smp.identity import PeerIdentity, Role, validate_id
-from secure_runner.smp.registry import CoordinatorKey, CrunchEntry, ModelEntry, Registry
+from secure_runner.smp.registry import Registry
 
 __all__ = [
     "CLOCK_SKEW",
+    "ORCHESTRATOR_ID",
     "ModelSpec",
     "PkiLayout",
+    "b64",
+    "check_days",
     "generate_ca",
     "generate_identity_key",
     "issue_certificate",
@@ -85,26 +91,32 @@ __all__ = [
     "load_certificate",
     "load_identity_key",
     "load_private_key",
+    "load_signing_key",
     "main",
     "make_test_pki",
     "public_key_raw",
+    "read_file",
     "renew",
+    "signature_hash",
+    "utc_now",
+    "validate_models",
     "write_certificate",
     "write_private_key",
+    "write_public_file",
+    "write_registry",
 ]
 
 CLOCK_SKEW = timedelta(minutes=5)
 """Certificates and registry keys are valid from this long before their issue time."""
 
-_CN_MAX = 64  # ub-common-name (RFC 5280); cryptography refuses longer.
-_ORCHESTRATOR_ID = "orchestrator"
+ORCHESTRATOR_ID = "orchestrator"  # the one orchestrator of a crunch: its certificate's id
 
 
-def _now() -> datetime:
+def utc_now() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
 
 
-def _check_days(days: int, what: str) -> int:
+def check_days(days: int, what: str) -> int:
     if isinstance(days, bool) or not isinstance(days, int) or days < 1:
         raise ConfigError(ErrorCode.PKI_INVALID, f"{what} must be a whole number of days >= 1, got {days!r}")
     return days
@@ -180,7 +192,21 @@ def write_certificate(path: Path | str, cert: x509.Certificate) -> None:
         raise ConfigError(ErrorCode.PKI_INVALID, f"cannot write certificate {path}: {exc.strerror or exc}") from None
 
 
-def _read(path: Path | str, what: str) -> bytes:
+def write_public_file(path: Path | str, data: bytes) -> None:
+    """Write public material (a CSR, a delegation, a public-key file) atomically, mode 0644."""
+    try:
+        _atomic_write(Path(path), data, 0o644)
+    except OSError as exc:
+        raise ConfigError(ErrorCode.PKI_INVALID, f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def write_registry(path: Path | str, data: bytes | Registry) -> None:
+    """Write a registry file after parsing it (a file that would not load is refused here, not at the reader)."""
+    registry = data if isinstance(data, Registry) else Registry.from_json(data)
+    write_public_file(path, (registry.to_json() + "\n").encode())
+
+
+def read_file(path: Path | str, what: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
@@ -189,7 +215,7 @@ def _read(path: Path | str, what: str) -> bytes:
 
 def load_certificate(path: Path | str) -> x509.Certificate:
     """Load the first PEM certificate in `path`."""
-    data = _read(path, "certificate")
+    data = read_file(path, "certificate")
     try:
         return x509.load_pem_x509_certificate(data)
     except ValueError:
@@ -198,7 +224,7 @@ def load_certificate(path: Path | str) -> x509.Certificate:
 
 def load_private_key(path: Path | str) -> CertificateIssuerPrivateKeyTypes:
     """Load an unencrypted PEM private key (Ed25519 or EC) from `path`."""
-    data = _read(path, "private key")
+    data = read_file(path, "private key")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:  # encrypted, and we gave no password
@@ -230,68 +256,16 @@ def load_signing_key(path: Path | str) -> SigningKey:
 # --------------------------------------------------------------------------- certificates
 
 
-def generate_ca(crunch_id: str, *, days: int = 30) -> tuple[x509.Certificate, Ed25519PrivateKey]:
-    """A self-signed Ed25519 CA for `crunch_id`, allowed to issue leaves only (path_length=0)."""
-    validate_id(crunch_id, "crunch id")
-    _check_days(days, "CA validity")
-    key = Ed25519PrivateKey.generate()
-    common_name = f"secure-runner CA {crunch_id}"
-    if len(common_name) > _CN_MAX:  # the crunch id is always in O as well
-        common_name = "secure-runner CA"
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, crunch_id),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
-    )
-    now = _now()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(now + timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, None)  # Ed25519 signs without a separate hash
-    )
-    return cert, key
+def generate_ca(crunch_id: str, *, days: int = 30) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A new crunch CA (provisioning/ca.py: `create_ca`)."""
+    from secure_runner.provisioning import ca
+
+    return ca.create_ca(crunch_id, days=days)
 
 
-def _check_ca_pair(ca_cert: x509.Certificate, ca_key: CertificateIssuerPrivateKeyTypes) -> None:
-    pub = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    if ca_cert.public_key().public_bytes(*pub) != ca_key.public_key().public_bytes(*pub):
-        raise ConfigError(ErrorCode.PKI_INVALID, "the CA private key does not match the CA certificate")
-    try:
-        constraints = ca_cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        constraints = None
-    if constraints is None or not constraints.ca:
-        raise ConfigError(ErrorCode.PKI_INVALID, "the CA certificate is not a CA (BasicConstraints ca=False)")
-
-
-def _authority_key_identifier(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
-    try:
-        ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
-    except x509.ExtensionNotFound:
-        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key())
+def signature_hash(ca_key: CertificateIssuerPrivateKeyTypes) -> hashes.HashAlgorithm | None:
+    """The hash `Certificate.sign` needs for `ca_key`: none for Ed25519 (older CAs), SHA-256 otherwise."""
+    return None if isinstance(ca_key, Ed25519PrivateKey) else hashes.SHA256()
 
 
 def issue_certificate(
@@ -302,74 +276,22 @@ def issue_certificate(
     days: int = 7,
     key: ec.EllipticCurvePrivateKey | None = None,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A new P-256 key and a leaf certificate for `identity`, signed by the CA.
+    """Both sides of one issuance on one machine (the test PKI): the party's key and CSR, the CA's signature.
 
-    SAN: exactly one URI (`identity.spiffe_id`) and one DNS name
-    (`identity.tls_server_name`). EKU: serverAuth and clientAuth, for every role.
-    Valid from 5 minutes ago for `days` days, but never past the CA's own expiry
-    (the leaf is cut short rather than outliving its issuer); an expired CA is refused.
+    The party's step makes (or takes) the P-256 `key` and a CSR asking for `identity`;
+    the CA's step signs that CSR under its policy with `identity` as the approval
+    (provisioning/ca.py), seeing only the public key. Valid from 5 minutes ago for
+    `days` days, never past the CA's own expiry; an expired CA is refused.
     """
-    identity = PeerIdentity.make(identity.crunch_id, identity.role, identity.ident)
-    _check_days(days, "certificate validity")
-    _check_ca_pair(ca_cert, ca_key)
-    now = _now()
-    not_after = min(now + timedelta(days=days), ca_cert.not_valid_after_utc)
-    if not_after <= now:
-        raise ConfigError(ErrorCode.PKI_INVALID, f"the CA certificate expired at {ca_cert.not_valid_after_utc}")
+    from secure_runner.provisioning import ca, certs
 
+    check_days(days, "certificate validity")
     if key is None:
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = certs.generate_tls_key()
     elif not isinstance(key.curve, ec.SECP256R1):
         raise ConfigError(ErrorCode.PKI_INVALID, "leaf keys must be P-256")
-    subject = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, identity.crunch_id),
-            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, str(identity.role)),
-            x509.NameAttribute(NameOID.COMMON_NAME, identity.ident),
-        ]
-    )
-    hash_alg = None if isinstance(ca_key, Ed25519PrivateKey) else hashes.SHA256()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(not_after)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.UniformResourceIdentifier(identity.spiffe_id),
-                    x509.DNSName(identity.tls_server_name),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
-        .add_extension(_authority_key_identifier(ca_cert), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(ca_key, hash_alg)
-    )
-    return cert, key
+    identity = PeerIdentity.make(identity.crunch_id, identity.role, identity.ident)
+    return ca.sign_request(ca_cert, ca_key, certs.make_csr(key, identity), ca.Approval(identity, days)), key
 
 
 # --------------------------------------------------------------------------- layout
@@ -423,6 +345,22 @@ class PkiLayout:
         return self.coordinator_dir / "identity.key"
 
     @property
+    def operator_dir(self) -> Path:
+        return self.root / "operator"
+
+    @property
+    def operator_cert(self) -> Path:
+        return self.operator_dir / "tls.crt"
+
+    @property
+    def operator_key(self) -> Path:
+        return self.operator_dir / "tls.key"
+
+    @property
+    def operator_identity(self) -> Path:
+        return self.operator_dir / "identity.key"
+
+    @property
     def orchestrator_dir(self) -> Path:
         return self.root / "orchestrator"
 
@@ -459,11 +397,11 @@ class PkiLayout:
         return self.root / "registry.json"
 
 
-def _b64(raw: bytes) -> str:
+def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def _validate_models(models: Sequence[ModelSpec]) -> dict[str, str]:
+def validate_models(models: Sequence[ModelSpec]) -> dict[str, str]:
     """Check ids and consistency; return cruncher id -> cruncher name."""
     seen: set[str] = set()
     crunchers: dict[str, str] = {}
@@ -491,12 +429,13 @@ def _validate_models(models: Sequence[ModelSpec]) -> dict[str, str]:
 def _clear_layout(layout: PkiLayout) -> None:
     """Remove the files a previous `make_test_pki` wrote (and nothing else), for `force=True`."""
     files = [
-        layout.ca_cert, layout.ca_key, layout.registry,
-        layout.coordinator_cert, layout.coordinator_key, layout.coordinator_identity,
-        layout.orchestrator_cert, layout.orchestrator_key,
+        layout.ca_cert, layout.ca_key, layout.root / "issued.jsonl", layout.registry,
+        layout.coordinator_cert, layout.coordinator_key, layout.coordinator_dir / "tls.csr", layout.coordinator_identity,
+        layout.operator_cert, layout.operator_key, layout.operator_dir / "tls.csr", layout.operator_identity,
+        layout.orchestrator_cert, layout.orchestrator_key, layout.orchestrator_dir / "tls.csr",
     ]  # fmt: skip
-    dirs = [layout.coordinator_dir, layout.orchestrator_dir]
-    for parent, names in ((layout.runners_dir, ("tls.crt", "tls.key")), (layout.crunchers_dir, ("identity.key",))):
+    dirs = [layout.coordinator_dir, layout.operator_dir, layout.orchestrator_dir]
+    for parent, names in ((layout.runners_dir, ("tls.crt", "tls.key", "tls.csr")), (layout.crunchers_dir, ("identity.key",))):
         if parent.is_dir():
             for sub in parent.iterdir():
                 if sub.is_dir() and not sub.is_symlink():
@@ -522,21 +461,29 @@ def make_test_pki(
     ca_days: int = 30,
     force: bool = False,
 ) -> PkiLayout:
-    """Write a complete PKI for one crunch under `out_dir` and return its layout.
+    """Every party's provisioning steps, run in one folder: the demo's and the tests' one-shot PKI.
 
-    Writes the CA, the coordinator (TLS cert whose id is its signing key's key id,
-    plus that Ed25519 identity key), the orchestrator, one runner cert per model,
-    one identity key per distinct cruncher, and `registry.json`. Everything is
-    validated before the first file is written. An existing non-empty `out_dir` is
-    refused unless `force`, which replaces only the files of a previous layout.
+    The same steps each party runs on its own machine (secure_runner/provisioning/): the
+    operator creates the CA; the coordinator and the operator each make a signing key, a
+    TLS key and a CSR, which the CA signs for the approved identity and they install; the
+    runner host does the same for the orchestrator and one runner per model; each cruncher
+    makes its identity key; the registry is built from the public material. What differs
+    from a deployment is only that every secret ends up in this one folder, which is why it
+    is a test PKI. Arguments are validated before the first file is written. An existing
+    non-empty `out_dir` is refused unless `force`, which replaces only the files of a
+    previous layout.
     """
+    from secure_runner.provisioning import ca, coordinator, cruncher, public, registry_builder, runner_host
+
     validate_id(crunch_id, "crunch id")
-    _check_days(days, "certificate validity")
-    _check_days(ca_days, "CA validity")
+    check_days(days, "certificate validity")
+    check_days(ca_days, "CA validity")
     if days > ca_days:
         raise ConfigError(ErrorCode.PKI_INVALID, f"leaf validity ({days} days) exceeds the CA's ({ca_days} days)")
+    if days > ca.MAX_LEAF_DAYS:
+        raise ConfigError(ErrorCode.CSR_VALIDITY_REFUSED, f"leaf validity is at most {ca.MAX_LEAF_DAYS} days")
     models = list(models)
-    crunchers = _validate_models(models)
+    crunchers = validate_models(models)
 
     layout = PkiLayout(Path(out_dir))
     root = layout.root
@@ -548,162 +495,94 @@ def make_test_pki(
         _clear_layout(layout)
     root.mkdir(parents=True, exist_ok=True)
 
-    now = _now()
-    ca_cert, ca_key = generate_ca(crunch_id, days=ca_days)
-    write_certificate(layout.ca_cert, ca_cert)
-    write_private_key(layout.ca_key, ca_key)
-
-    coordinator_identity = generate_identity_key()
-    coordinator_pub = public_key_raw(coordinator_identity)
-    coordinator_key_id = key_id_for(coordinator_pub)
-    write_private_key(layout.coordinator_identity, coordinator_identity)
-
-    def issue(identity: PeerIdentity, cert_path: Path, key_path: Path) -> None:
-        cert, key = issue_certificate(ca_cert, ca_key, identity, days=days)
-        write_private_key(key_path, key)
-        write_certificate(cert_path, cert)
-
-    issue(
-        PeerIdentity.make(crunch_id, Role.COORDINATOR, coordinator_key_id),
-        layout.coordinator_cert,
-        layout.coordinator_key,
-    )
-    issue(
-        PeerIdentity.make(crunch_id, Role.ORCHESTRATOR, _ORCHESTRATOR_ID),
-        layout.orchestrator_cert,
-        layout.orchestrator_key,
-    )
-    for spec in models:
-        issue(
-            PeerIdentity.make(crunch_id, Role.RUNNER, spec.model_id),
-            layout.runner_cert(spec.model_id),
-            layout.runner_key(spec.model_id),
-        )
-
-    cruncher_pubs: dict[str, str] = {}
+    authority = ca.CaFolder(root)
+    ca_cert = authority.create(crunch_id, ca_days)
+    signers = []
+    for role in coordinator.SIGNER_ROLES:
+        home = coordinator.SignerHome(root, role)
+        material = home.init(crunch_id)
+        cert = authority.sign(home.current.tls_csr.read_bytes(), role, material.keys[0].key_id, days)
+        home.install(cert, ca_cert)
+        signers.append(material)
+    host = runner_host.HostHome(root)
+    runner_ids = [PeerIdentity.make(crunch_id, Role.RUNNER, spec.model_id) for spec in models]
+    for identity in [PeerIdentity.make(crunch_id, Role.ORCHESTRATOR, ORCHESTRATOR_ID), *runner_ids]:
+        csr = host.request(identity).read_bytes()
+        host.install(authority.sign(csr, identity.role, identity.ident, days), ca_cert)
+    cruncher_material: list[public.CruncherPublic] = []
     for cruncher_id in crunchers:
-        key = generate_identity_key()
-        write_private_key(layout.cruncher_identity(cruncher_id), key)
-        cruncher_pubs[cruncher_id] = _b64(public_key_raw(key))
-
-    registry = Registry(
-        version=1,
-        crunches={
-            crunch_id: CrunchEntry(
-                coordinators=[
-                    CoordinatorKey(
-                        key_id=coordinator_key_id,
-                        public_key=_b64(coordinator_pub),
-                        not_before=now - CLOCK_SKEW,
-                        not_after=now + timedelta(days=ca_days),
-                    )
-                ],
-                models=[
-                    ModelEntry(
-                        model_id=spec.model_id,
-                        model_name=spec.model_name,
-                        cruncher_id=spec.cruncher_id,
-                        cruncher_name=spec.cruncher_name,
-                        identity_public_key=cruncher_pubs.get(spec.cruncher_id),
-                    )
-                    for spec in models
-                ],
-            )
-        },
+        key = cruncher.create_identity(layout.cruncher_identity(cruncher_id).parent)
+        cruncher_material.append(cruncher.public_material(cruncher_id, key))
+    registry = registry_builder.build(
+        crunch_id, signers=signers, crunchers=cruncher_material, models=models, days=ca_days
     )
-    try:
-        _atomic_write(layout.registry, (registry.to_json() + "\n").encode(), 0o644)
-    except OSError as exc:
-        raise ConfigError(ErrorCode.PKI_INVALID, f"cannot write {layout.registry}: {exc.strerror or exc}") from None
+    write_registry(layout.registry, registry)
     return layout
-
-
-def _layout_crunch_id(ca_cert: x509.Certificate) -> str:
-    orgs = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
-    if len(orgs) != 1 or not isinstance(orgs[0].value, str):
-        raise ConfigError(
-            ErrorCode.PKI_INVALID, "the CA certificate does not name its crunch (subject O); pass crunch_id"
-        )
-    return validate_id(orgs[0].value, "crunch id")
 
 
 def issue_runner_certificate(
     layout: PkiLayout, model_id: str, days: int = 7, *, crunch_id: str | None = None
 ) -> x509.Certificate:
-    """(Re)issue the runner certificate and key for `model_id` into `runners/<model_id>/`.
+    """(Re)issue the runner certificate and a new key for `model_id` into `runners/<model_id>/` (test PKI).
 
-    Signs with the layout's CA (`ca.crt`, `ca.key`). The crunch id defaults to the
-    one the CA certificate names (its subject O, as `generate_ca` writes it).
+    Runner host and CA on one machine: a new key and CSR, signed by the layout's CA
+    (`ca.crt`, `ca.key`) for the runner's identity. The crunch id defaults to the CA's.
     The key is written before the certificate, each atomically.
     """
+    from secure_runner.provisioning import ca
+
     ca_cert = load_certificate(layout.ca_cert)
     ca_key = load_private_key(layout.ca_key)
-    crunch = _layout_crunch_id(ca_cert) if crunch_id is None else crunch_id
-    identity = PeerIdentity.make(crunch, Role.RUNNER, model_id)
-    cert, key = issue_certificate(ca_cert, ca_key, identity, days=days)
+    crunch = ca.crunch_of(ca_cert) if crunch_id is None else crunch_id
+    cert, key = issue_certificate(ca_cert, ca_key, PeerIdentity.make(crunch, Role.RUNNER, model_id), days=days)
     write_private_key(layout.runner_key(model_id), key)
     write_certificate(layout.runner_cert(model_id), cert)
     return cert
 
 
-def _layout_leaves(layout: PkiLayout, crunch_id: str) -> list[tuple[PeerIdentity, Path, Path]]:
-    """(identity, certificate path, key path) of every leaf certificate the layout holds."""
-    leaves: list[tuple[PeerIdentity, Path, Path]] = []
-    if layout.coordinator_cert.is_file():
-        key_id = key_id_for(public_key_raw(load_identity_key(layout.coordinator_identity)))
-        coordinator = PeerIdentity.make(crunch_id, Role.COORDINATOR, key_id)
-        leaves.append((coordinator, layout.coordinator_cert, layout.coordinator_key))
-    if layout.orchestrator_cert.is_file():
-        orchestrator = PeerIdentity.make(crunch_id, Role.ORCHESTRATOR, _ORCHESTRATOR_ID)
-        leaves.append((orchestrator, layout.orchestrator_cert, layout.orchestrator_key))
+def _layout_leaves(layout: PkiLayout) -> list[tuple[Path, Path]]:
+    """(certificate path, key path) of every leaf certificate the layout holds."""
+    leaves = [(layout.coordinator_cert, layout.coordinator_key), (layout.operator_cert, layout.operator_key),
+              (layout.orchestrator_cert, layout.orchestrator_key)]
     if layout.runners_dir.is_dir():
         for sub in sorted(layout.runners_dir.iterdir()):
-            if sub.is_dir() and not sub.is_symlink() and (sub / "tls.crt").is_file():
-                runner = PeerIdentity.make(crunch_id, Role.RUNNER, sub.name)
-                leaves.append((runner, layout.runner_cert(sub.name), layout.runner_key(sub.name)))
-    return leaves
+            if sub.is_dir() and not sub.is_symlink():
+                leaves.append((sub / "tls.crt", sub / "tls.key"))
+    return [(cert, key) for cert, key in leaves if cert.is_file()]
 
 
 def renew(layout: PkiLayout, *, days: int = 7, new_keys: bool = False) -> list[Path]:
     """Re-issue every leaf certificate of `layout`; return the certificate paths.
 
-    By default each leaf keeps its TLS key: a runner's identity delegation binds
-    that key (SMP-35), so renewing the certificate alone leaves delegations
-    valid. `new_keys=True` rotates the keys too; runners then need delegations
-    for their new keys before clients accept them.
-
-    Covers the coordinator, the orchestrator and every runner under `runners/`
-    that has a certificate. Each keeps its identity (SPIFFE id and DNS name; the
-    coordinator's still names its signing key id) and is signed by the layout's
-    existing CA; the CA, the identity keys and `registry.json` are not touched.
-    Everything is checked and issued in memory before the first file is written;
-    then, per leaf, the key and then the certificate are each replaced atomically
-    (a reloading server keeps its old pair until the matching new one is complete).
+    The CA renews from each certificate it issued: the same identity (its SPIFFE id and
+    DNS name), and by default the same public key, read from the certificate (no leaf
+    private key is loaded): a runner's identity delegation binds that key (SMP-35), so
+    renewing the certificate alone leaves delegations valid. `new_keys=True` has each
+    leaf make a new key and CSR first; runners then need delegations for their new keys
+    before clients accept them. The CA, the identity keys and `registry.json` are not
+    touched. Everything is checked and issued in memory before the first file is written;
+    then, per leaf, the key and then the certificate are each replaced atomically (a
+    reloading server keeps its old pair until the matching new one is complete).
     """
-    _check_days(days, "certificate validity")
+    from secure_runner.provisioning import ca, certs
+
+    check_days(days, "certificate validity")
     ca_cert = load_certificate(layout.ca_cert)
     ca_key = load_private_key(layout.ca_key)
-    leaves = _layout_leaves(layout, _layout_crunch_id(ca_cert))
+    leaves = _layout_leaves(layout)
     if not leaves:
         raise ConfigError(ErrorCode.PKI_INVALID, f"no leaf certificates to renew in {layout.root}")
-    issued = [
-        (issue_certificate(ca_cert, ca_key, identity, days=days, key=None if new_keys else _reusable_key(key_path)),
-         cert_path, key_path)
-        for identity, cert_path, key_path in leaves
-    ]  # fmt: skip
-    for (cert, key), cert_path, key_path in issued:
-        write_private_key(key_path, key)
+    issued = []
+    for cert_path, key_path in leaves:
+        old = load_certificate(cert_path)
+        key = certs.generate_tls_key() if new_keys else None
+        csr = certs.make_csr(key, certs.identity_of(old)) if key is not None else None
+        issued.append((ca.renew_certificate(ca_cert, ca_key, old, days, csr), key, cert_path, key_path))
+    for cert, key, cert_path, key_path in issued:
+        if key is not None:
+            write_private_key(key_path, key)
         write_certificate(cert_path, cert)
-    return [cert_path for _, cert_path, _ in issued]
-
-
-def _reusable_key(path: Path) -> ec.EllipticCurvePrivateKey | None:
-    """The existing P-256 key at `path`, or None (a new one is made) if it is missing or unusable."""
-    try:
-        key = load_private_key(path)
-    except ConfigError:
-        return None
-    return key if isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1) else None
+    return [cert_path for _, _, cert_path, _ in issued]
 
 
 # --------------------------------------------------------------------------- CLI
@@ -729,8 +608,11 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     init = commands.add_parser(
         "init",
-        help="write a CA, coordinator, orchestrator and runner certificates, identity keys and registry.json",
-        description="Write a complete PKI for one crunch into OUT (see secure_runner.pki.make_test_pki).",
+        help="TEST PKI (demo, tests): every party's keys in one folder: CA, coordinator, operator, orchestrator, "
+        "runners, crunchers, registry.json",
+        description="Write a complete test PKI for one crunch into OUT: every party's provisioning steps run in "
+        "one folder, so it holds every secret (see secure_runner.pki.make_test_pki). For a deployment, each party "
+        "runs its own `secure-runner pki <role>` commands on its own machine.",
     )
     init.add_argument("out", metavar="OUT", type=Path, help="directory to write (must be empty unless --force)")
     init.add_argument("--crunch", required=True, metavar="ID", help="crunch id")
@@ -757,7 +639,22 @@ def _build_parser() -> argparse.ArgumentParser:
     renew_cmd.add_argument("--new-keys", action="store_true", help="rotate the TLS keys too")
     renew_cmd.add_argument("dir", metavar="DIR", type=Path, help="a directory written by `pki init`")
     renew_cmd.add_argument("--days", type=int, default=7, metavar="N", help="leaf certificate validity (default 7)")
+    init.set_defaults(func=_init)
+    renew_cmd.set_defaults(func=_renew)
+    _add_role_commands(commands)
     return parser
+
+
+def _add_role_commands(commands: argparse._SubParsersAction) -> None:
+    """One command group per party (secure_runner/provisioning/), each run on that party's own machine."""
+    from secure_runner.provisioning import ca, coordinator, cruncher, registry_builder, runner_host
+
+    ca.add_commands(commands)
+    for role in coordinator.SIGNER_ROLES:
+        coordinator.add_commands(commands, role)
+    cruncher.add_commands(commands)
+    runner_host.add_commands(commands)
+    registry_builder.add_commands(commands, _parse_model)
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -768,6 +665,9 @@ def _init(args: argparse.Namespace) -> int:
         f"  CA:              {layout.ca_cert}  (key {layout.ca_key})",
         f"  coordinator:     {layout.coordinator_cert}  (key {layout.coordinator_key})",
         f"  coordinator key: {layout.coordinator_identity}  (key id {key_id})",
+        f"  operator:        {layout.operator_cert}  (key {layout.operator_key})",
+        f"  operator key:    {layout.operator_identity}  (key id "
+        f"{key_id_for(public_key_raw(load_identity_key(layout.operator_identity)))})",
         f"  orchestrator:    {layout.orchestrator_cert}  (key {layout.orchestrator_key})",
     ]
     for spec in args.model:
@@ -794,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
-        return _renew(args) if args.command == "renew" else _init(args)
+        return args.func(args)
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
     except _UsageError as exc:

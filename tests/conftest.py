@@ -6,11 +6,17 @@ their own workers, reached over mutual TLS on loopback with signed tokens.
 
 from __future__ import annotations
 
+import secure_runner  # noqa: F401  before grpc: TLS 1.3 only in this process too (SECURITY.md T-1)
+
 import asyncio
 import contextlib
 import json
+import resource
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,7 +70,7 @@ def other_layout(tmp_path_factory) -> pki.PkiLayout:
 class RunnerProcess:
     """A real `secure-runner runner` subprocess hosting one submission.
 
-    With `control`, the test holds the runner's control pipe (`--control-stdin`): see `command`.
+    With `control`, the test holds the runner's control socket (`--control-socket`): see `command`.
     """
 
     def __init__(
@@ -84,12 +90,15 @@ class RunnerProcess:
             "--log-level", "INFO",
             "--audit-log", str(self.audit_log),
             "--exit-with-parent",
-            *(["--control-stdin"] if control else []),
             *extra_args,
         ]
+        self.control_socket = None
+        if control:  # a private directory of this user, as the runner demands (mkdtemp makes it 0700)
+            self.control_socket = Path(tempfile.mkdtemp(prefix="sr-ctl-")) / "control.sock"
+            command += ["--control-socket", str(self.control_socket), "--deployment", "test-deployment"]
+        self._control: socket.socket | None = None
         self.started_at = time.time()
-        stdin = subprocess.PIPE if control else None
-        self.proc = subprocess.Popen(command, stdin=stdin, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if not line.startswith("READY "):
             self.proc.kill()
@@ -98,21 +107,34 @@ class RunnerProcess:
         self.address = f"127.0.0.1:{self.port}"
 
     def command(self, line: bytes) -> str:
-        """Write one raw line to the runner's control pipe; its answer line."""
-        self.proc.stdin.buffer.write(line + b"\n")
-        self.proc.stdin.flush()
-        return self.proc.stdout.readline().rstrip("\n")
+        """Write one raw line on the runner's control socket (one connection for all); its answer line."""
+        if self._control is None:
+            self._control = socket.socket(socket.AF_UNIX)
+            self._control.connect(str(self.control_socket))
+            self._control.settimeout(30)
+            self._answers = self._control.makefile("rb")
+        self._control.sendall(line + b"\n")
+        return self._answers.readline().decode().rstrip("\n")
 
     def audit_entries(self) -> list[dict]:
         return [json.loads(line) for line in self.audit_log.read_text().splitlines()]
 
+    def close_control(self) -> None:
+        if self._control is not None:
+            self._answers.close()
+            self._control.close()
+            self._control = None
+
     def stop(self) -> None:
+        self.close_control()
         self.proc.terminate()
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        if self.control_socket is not None:
+            shutil.rmtree(self.control_socket.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -190,6 +212,12 @@ class RawCoordinator:
         self.key = load_signing_key(layout.coordinator_identity)
         self.key_id = pki.key_id_for(bytes(self.key.verify_key))
         self.cert_sha256 = tls.cert_sha256(tls.pem_to_der(layout.coordinator_cert.read_bytes()))
+        self.server_cert = layout.runner_cert(server_model_id or model_id)
+
+    @property
+    def destination(self) -> str:
+        """What tokens for the runner name as their destination (`dst`): the SHA-256 of its TLS key."""
+        return tls.spki_sha256(tls.pem_to_der(self.server_cert.read_bytes()))
 
     def token(self, body: bytes, rpc: str = CALL_RPC, method: str = "", **overrides) -> bytes:
         """A token for `body` (a whole request in the signed form: model id field first)."""
@@ -198,6 +226,7 @@ class RawCoordinator:
             key_id=self.key_id,
             crunch_id=CRUNCH,
             audience=[self.model_id],
+            destinations=[self.destination],  # the runner's TLS key
             rpc=rpc,
             method=method,
             shared_body=split[1] if split else body,
@@ -283,7 +312,7 @@ def forge_certificate(
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
         )
-        .sign(ca_key, None)
+        .sign(ca_key, pki.signature_hash(ca_key))
     )
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -314,6 +343,13 @@ def json_args(*values) -> list[values_pb2.Argument]:
         )
         for i, value in enumerate(values, start=1)
     ]
+
+
+def free_port() -> int:
+    """A loopback port free now: for a server that must come back on the same port (an orchestrator restart)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def fresh_pki(tmp_path: Path, *model_ids: str) -> pki.PkiLayout:
@@ -364,3 +400,42 @@ async def eventually(condition, timeout: float = 15.0, what: str = "condition") 
 
 def by_id(results) -> dict:
     return {model.model_id: result for model, result in results.items()}
+
+
+@contextlib.contextmanager
+def open_file_limit(soft: int) -> Iterator[None]:
+    """This process's soft limit on open files set to `soft` (at most the hard limit) inside the block.
+
+    Child processes inherit it: a server started inside the block starts with it.
+    """
+    before, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (before, hard))
+
+
+# The start of a TLS record announcing a 512-byte ClientHello, of which only these bytes ever come.
+_PARTIAL_CLIENT_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(16)
+
+
+@contextlib.contextmanager
+def idle_connections(port: int, idle: int, half_open_tls: int) -> Iterator[list[socket.socket]]:
+    """Hold `idle` TCP connections that never send a byte and `half_open_tls` stuck inside a ClientHello.
+
+    Raises this process's open-file limit to hold them; the sockets are closed when the block ends.
+    """
+    sockets: list[socket.socket] = []
+    needed = max(idle + half_open_tls + 1024, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    with open_file_limit(needed), contextlib.ExitStack() as stack:
+        for _ in range(half_open_tls):
+            sock = stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5))
+            sock.sendall(_PARTIAL_CLIENT_HELLO)
+            sockets.append(sock)
+        for _ in range(idle):  # non-blocking: a server that stopped accepting cannot stall the test here
+            sock = stack.enter_context(socket.socket())
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+            sockets.append(sock)
+        yield sockets

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from secure_runner import pki
-from secure_runner.orchestrator.local import sign_delegation
+from secure_runner.orchestrator.credentials import sign_delegation
 from secure_runner.orchestrator.service import ModelBoard, OrchestratorServer
 from secure_runner.v1 import orchestrator_pb2
 
@@ -40,7 +40,7 @@ async def main(pki_dir: str, crunch_id: str, models_json: str, port: str, audit_
         return True
 
     server = OrchestratorServer(board, layout, Path(audit_file), stop_model)
-    registry = server.registry.current()
+    registry = server.registry.current().registry
     for entry in json.loads(Path(models_json).read_text()):
         listed = registry.model(crunch_id, entry["model_id"])
         info = orchestrator_pb2.ModelInfo(

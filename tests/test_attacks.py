@@ -10,7 +10,9 @@ so they carry no reason code and no audit line; grpc logs the handshake error.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
+import selectors
 import shutil
 import socket
 import time
@@ -18,18 +20,20 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
+from nacl.signing import SigningKey
 
 from secure_runner import CallStatus, CoordinatorSecurity, DynamicSubclassModelConcurrentRunner, pki
 from secure_runner.codec import encode_arguments
 from secure_runner.pki import load_signing_key
 from secure_runner.errors import ErrorCode
+from secure_runner.orchestrator.credentials import EmbeddedCredentials
 from secure_runner.orchestrator.local import LocalOrchestrator, LocalOrchestratorSettings
-from secure_runner.orchestrator.service import REPORT_RPC
+from secure_runner.orchestrator.service import REPORT_RPC, WATCH_RPC
 from secure_runner.smp.identity import PeerIdentity, Role
-from secure_runner.smp.token import model_id_field
+from secure_runner.smp.token import issue_call_token, model_id_field
 from secure_runner.transport import tls
 from secure_runner.transport.status import TOKEN_KEY
-from secure_runner.v1 import orchestrator_pb2, orchestrator_pb2_grpc, runner_pb2, values_pb2
+from secure_runner.v1 import orchestrator_pb2, runner_pb2, values_pb2
 
 from conftest import (
     BASE_PATH,
@@ -39,7 +43,10 @@ from conftest import (
     RawCoordinator,
     assert_refused,
     by_id,
+    credentials,
     forge_certificate,
+    idle_connections,
+    open_file_limit,
     forged_credentials,
 )
 
@@ -130,6 +137,15 @@ async def test_token_replayed_on_the_same_runner_and_after_a_restart(layout, fre
         client.raw(CALL_RPC, body, metadata), grpc.StatusCode.PERMISSION_DENIED, ErrorCode.TOKEN_REPLAYED,
         audited_by=runner,
     )
+
+    # A token dated inside the clock skew (5 s ahead) is refused now: had it been accepted, the
+    # restarted runner (start second <= its iat) would accept it once more.
+    ahead_body = client.call_body("echo", "ahead")
+    ahead = ((TOKEN_KEY, client.token(ahead_body, method="echo", now=int(time.time()) + 5)),)
+    await assert_refused(
+        client.raw(CALL_RPC, ahead_body, ahead), grpc.StatusCode.UNAUTHENTICATED, ErrorCode.TOKEN_NOT_YET_VALID,
+        audited_by=runner,
+    )
     await client.close()
 
     runner.stop()  # the restarted runner's replay cache is empty ...
@@ -156,6 +172,39 @@ async def test_replay_cache_flood_fails_closed(layout, fresh_runner):
         audited_by=runner,
     )
     await client.close()
+
+
+FANOUT_RPC = "/secure_runner.v1.ModelRunner/FanOut"
+
+
+@pytest.mark.parametrize("rpc", [CALL_RPC, FANOUT_RPC], ids=["Call", "FanOut"])
+async def test_a_token_for_one_runner_is_refused_by_another_runner_of_the_same_model(layout, tmp_path, fresh_runner, rpc):
+    """Two runners host model "counter" with their own TLS keys (say an old and a new deployment).
+    A token captured on its way to one is refused by the other (SMP-9a), and the model never runs."""
+    first = fresh_runner("counter")
+    private = _copy_layout(layout, tmp_path)
+    pki.issue_runner_certificate(private, "counter")  # the second runner's own key
+    second = fresh_runner(
+        "counter", None, "--cert", str(private.runner_cert("counter")), "--key", str(private.runner_key("counter"))
+    )
+    to_first = await _ready(layout, first)
+    to_second = await _ready(private, second)
+    if rpc == CALL_RPC:
+        body = to_first.call_body("echo", "captured")
+        token = to_first.token(body, method="echo")
+        call = to_second.raw(CALL_RPC, body, ((TOKEN_KEY, token),))
+    else:  # a single-model runner is a node named after its model
+        arguments, _ = encode_arguments(["captured"], {})
+        body = model_id_field("counter") + runner_pb2.FanOutRequest(
+            model_ids=["counter"], method="echo", arguments=arguments
+        ).SerializeToString()
+        token = to_first.token(body, rpc=FANOUT_RPC, method="echo")
+        stream = to_second.channel.unary_stream(FANOUT_RPC, response_deserializer=runner_pb2.FanOutResults.FromString)
+        call = stream(body, metadata=((TOKEN_KEY, token),)).read()
+    await assert_refused(call, grpc.StatusCode.PERMISSION_DENIED, ErrorCode.TOKEN_WRONG_DESTINATION, audited_by=second)
+    assert await to_second.count() == 0
+    await to_first.close()
+    await to_second.close()
 
 
 @pytest.mark.parametrize(("expired_for", "accepted"), [(-2, True), (1, False)], ids=["valid-2s-left", "expired-1s-ago"])
@@ -191,36 +240,87 @@ async def coordinator_for_counter(layout, runners):
 
 
 async def test_idle_tls_handshakes_are_closed_while_real_calls_are_served(layout, fresh_runner):
-    runner = fresh_runner("counter", None, "--handshake-timeout-ms", "1000")
-    idle = [socket.create_connection(("127.0.0.1", runner.port)) for _ in range(20)]
-    client = await _ready(layout, runner)
-    assert (await client.call("echo", "served")).status == OK
-    await asyncio.sleep(2.0)
-    for sock in idle:
-        sock.settimeout(5)
-        assert sock.recv(1) == b""  # the server closed the never-finished handshake
-        sock.close()
-    assert (await client.call("echo", "still served")).status == OK
-    await client.close()
+    """2,000 idle and 50 half-open TLS connections against a runner started at the common 1,024-file limit."""
+    with open_file_limit(1024):
+        runner = fresh_runner("counter", None, "--handshake-timeout-ms", "3000")
+    owner = await _ready(layout, runner)
+    with idle_connections(runner.port, idle=2000, half_open_tls=50) as held:
+        late = RawCoordinator(layout, runner.address, "counter")  # a new connection, made during the flood
+        assert (await late.call("echo", "served", timeout=2)).status == OK
+        await late.close()
+        closed = 0
+        with selectors.DefaultSelector() as waiting:
+            for sock in held:
+                waiting.register(sock, selectors.EVENT_READ)
+            deadline = time.monotonic() + 10
+            while closed < len(held) and time.monotonic() < deadline:
+                for key, _ in waiting.select(deadline - time.monotonic()):
+                    waiting.unregister(key.fileobj)
+                    closed += 1
+        assert closed == len(held)  # each never-finished handshake was closed by the server
+    assert (await owner.call("echo", "still served", timeout=2)).status == OK
+    await owner.close()
 
 
-async def test_stream_flood_is_refused_and_the_runner_keeps_serving(layout, runners):
-    runner = runners["counter"]
+async def test_stream_flood_is_refused_and_the_runner_keeps_serving(layout, fresh_runner):
+    """4 connections from a runner's certificate, each with 4 big, 4 gzip-bombed and 300 small requests.
+
+    The runner reads no body before the peer gate refused the certificate: its memory
+    stays flat; the owner's calls keep succeeding; the refusals are audited as counted lines.
+    """
+    runner = fresh_runner("counter")
     owner = await _ready(layout, runner)
     before = await owner.count()
-    flooder = RawCoordinator(layout, runner.address, "counter")
-    body = flooder.call_body("echo", 1)
-    results = await asyncio.gather(
-        *(flooder.raw(CALL_RPC, body, timeout=20) for _ in range(600)), return_exceptions=True
-    )
-    # Every stream is refused: by the token check, or (past 128 concurrent streams) by HTTP/2 itself.
-    codes = {r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)}
-    assert len(results) == 600 and all(isinstance(r, grpc.aio.AioRpcError) for r in results)
-    assert grpc.StatusCode.UNAUTHENTICATED in codes and codes <= {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE}
-    assert (await owner.call("echo", "after the flood")).status == OK
-    assert await owner.count() == before + 1
-    await flooder.close()
+    rss_before = _memory_kib(runner.proc.pid, "VmRSS")
+    name = PeerIdentity.make(CRUNCH, Role.RUNNER, "counter").tls_server_name
+    options = [(k, -1 if k == "grpc.max_send_message_length" else v) for k, v in tls.channel_options(name)]
+    runner_files = tls.TlsFiles(layout.runner_cert("counter"), layout.runner_key("counter"), layout.ca_cert)
+    big = model_id_field("counter") + bytes(16 << 20)
+    small = model_id_field("counter") + bytes(64)
+    channels = [
+        grpc.aio.secure_channel(runner.address, tls.channel_credentials(runner_files), options=options)
+        for _ in range(4)
+    ]
+
+    async def send(channel, body, compression=None):
+        try:
+            await channel.unary_unary(CALL_RPC)(body, timeout=30, compression=compression)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    flood = asyncio.gather(*(
+        send(channel, body, compression)
+        for channel in channels
+        for body, compression, count in ((big, None, 4), (big, grpc.Compression.Gzip, 4), (small, None, 300))
+        for _ in range(count)
+    ))
+    served = [(await owner.call("echo", i, timeout=5)).status for i in range(20)]
+    codes = collections.Counter(await flood)
+    for channel in channels:
+        await channel.close()
+    assert served == [OK] * 20
+    assert await owner.count() == before + 20
+    assert sum(codes.values()) == 4 * 308 and grpc.StatusCode.OK not in codes
+    # Refused by the peer gate (audited), the gzip ones by grpc from their header, the rest by HTTP/2 limits.
+    assert codes[grpc.StatusCode.UNAUTHENTICATED] > 0
+    assert set(codes) <= {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAVAILABLE}
+    growth_mib = (_memory_kib(runner.proc.pid, "VmHWM") - rss_before) / 1024
+    assert growth_mib < 32, f"the runner grew by {growth_mib:.0f} MiB"
+    await asyncio.sleep(1.5)  # the counting window of the audit log ends
+    refusals = [e for e in runner.audit_entries() if e["who"] == PeerIdentity.make(CRUNCH, Role.RUNNER, "counter").spiffe_id]
+    assert {e["code"] for e in refusals} == {ErrorCode.PEER_UNAUTHENTICATED}
+    assert len(refusals) < 20  # counted lines, not one per refusal
+    # Every refusal counted (a big request refused while still being sent may reach its sender as UNAVAILABLE).
+    audited = sum(int(e["what"].get("repeats", "1")) for e in refusals)
+    assert codes[grpc.StatusCode.UNAUTHENTICATED] <= audited <= sum(codes.values()) - codes[grpc.StatusCode.UNIMPLEMENTED]
     await owner.close()
+
+
+def _memory_kib(pid: int, field: str) -> int:
+    """A process's VmRSS (resident now) or VmHWM (peak resident), in KiB."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 
 async def test_metadata_flood_is_refused_before_the_model(coordinator_for_counter):
@@ -234,25 +334,29 @@ async def test_metadata_flood_is_refused_before_the_model(coordinator_for_counte
     assert await client.count() == before
 
 
-async def test_oversized_message_is_refused_before_the_model(coordinator_for_counter):
-    client, _ = coordinator_for_counter
+async def test_oversized_message_is_refused_before_the_model(layout, coordinator_for_counter):
+    """Sent over a channel without the client's own send cap, so the runner is what refuses it (audited)."""
+    client, runner = coordinator_for_counter
     before = await client.count()
     oversized = values_pb2.Argument(
         position=1, data=values_pb2.Variant(type=values_pb2.BYTES, value=b"x" * (tls.MAX_MESSAGE_BYTES + 1024))
     )
     body = model_id_field("counter") + runner_pb2.CallRequest(method="echo", arguments=[oversized]).SerializeToString()
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await client.raw(CALL_RPC, body, ((TOKEN_KEY, client.token(body, method="echo")),), timeout=30)
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    name = PeerIdentity.make(CRUNCH, Role.RUNNER, "counter").tls_server_name
+    options = [(k, -1 if k == "grpc.max_send_message_length" else v) for k, v in tls.channel_options(name)]
+    async with grpc.aio.secure_channel(runner.address, credentials(layout), options=options) as uncapped:
+        call = uncapped.unary_unary(CALL_RPC)(body, metadata=((TOKEN_KEY, client.token(body, method="echo")),), timeout=30)
+        await assert_refused(call, grpc.StatusCode.RESOURCE_EXHAUSTED, None)  # grpc's own answer: no reason code
+    last = runner.audit_entries()[-1]
+    assert (last["decision"], last["code"], last["what"]["rpc"]) == ("deny", ErrorCode.MESSAGE_TOO_LARGE, CALL_RPC)
     assert await client.count() == before
 
 
 async def test_unknown_grpc_method_is_unimplemented(coordinator_for_counter):
-    client, _ = coordinator_for_counter
+    client, runner = coordinator_for_counter
     body = client.call_body("echo", 1)
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await client.raw("/secure_runner.v1.ModelRunner/Exec", body, ((TOKEN_KEY, client.token(body)),))
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    call = client.raw("/secure_runner.v1.ModelRunner/Exec", body, ((TOKEN_KEY, client.token(body)),))
+    await assert_refused(call, grpc.StatusCode.UNIMPLEMENTED, ErrorCode.RPC_UNIMPLEMENTED, audited_by=runner)
 
 
 # -- the orchestrator: watchers and failure reports ----------------------------------------
@@ -283,23 +387,58 @@ def _audit(orchestrator) -> list[dict]:
     return [json.loads(line) for line in (orchestrator.settings.audit_folder / "orchestrator.jsonl").read_text().splitlines()]
 
 
+def _orchestrator_token(layout, subject, rpc, shared=b"", *, key=None, key_id=None, cert_pem=None, crunch_id=CRUNCH):
+    """A coordinator's token for an orchestrator call whose request is `model_id_field(subject) + shared`."""
+    key = key or load_signing_key(layout.coordinator_identity)
+    return issue_call_token(
+        key,
+        key_id=key_id or pki.key_id_for(bytes(key.verify_key)),
+        crunch_id=crunch_id,
+        audience=[subject],
+        destinations=[tls.spki_sha256(tls.pem_to_der(layout.orchestrator_cert.read_bytes()))],
+        rpc=rpc,
+        method="",
+        shared_body=shared,
+        cert_sha256=tls.cert_sha256(tls.pem_to_der(cert_pem or layout.coordinator_cert.read_bytes())),
+        now=int(time.time()),
+    )
+
+
+def _watch(channel, token=None, crunch_id=CRUNCH):
+    """WatchModels by hand: the request is its crunch id field alone (the signed form)."""
+    watch = channel.unary_stream(WATCH_RPC, response_deserializer=orchestrator_pb2.ModelList.FromString)
+    return watch(model_id_field(crunch_id), metadata=((TOKEN_KEY, token),) if token else ())
+
+
 async def test_watcher_with_unregistered_key_is_refused(private_orchestrator):
     orchestrator, private = private_orchestrator
-    cert, key = forge_certificate(private, uris=[f"spiffe://{CRUNCH}/coordinator/knotregistered"])
+    rogue = SigningKey.generate()
+    rogue_id = pki.key_id_for(bytes(rogue.verify_key))
+    cert, key = forge_certificate(private, uris=[f"spiffe://{CRUNCH}/coordinator/{rogue_id}"])
+    token = _orchestrator_token(private, CRUNCH, WATCH_RPC, key=rogue, cert_pem=cert)
     async with _orchestrator_channel(private, orchestrator.port, forged_credentials(private, cert, key)) as channel:
-        stream = orchestrator_pb2_grpc.OrchestratorStub(channel).WatchModels(
-            orchestrator_pb2.WatchModelsRequest(crunch_id=CRUNCH)
-        )
-        await assert_refused(stream.read(), grpc.StatusCode.UNAUTHENTICATED, ErrorCode.KEY_UNKNOWN)
+        await assert_refused(_watch(channel, token).read(), grpc.StatusCode.UNAUTHENTICATED, ErrorCode.KEY_UNKNOWN)
     assert (_audit(orchestrator)[-1]["decision"], _audit(orchestrator)[-1]["code"]) == ("deny", "KEY_UNKNOWN")
+
+
+async def test_a_stolen_coordinator_certificate_alone_cannot_watch_the_model_list(private_orchestrator):
+    """SMP-20 with a token: the certificate without the signing key reads nothing, and the request
+    is judged before it is parsed (garbage gets the same refusal)."""
+    orchestrator, private = private_orchestrator
+    async with _orchestrator_channel(private, orchestrator.port) as channel:
+        await assert_refused(_watch(channel).read(), grpc.StatusCode.UNAUTHENTICATED, ErrorCode.TOKEN_MISSING)
+        garbage = channel.unary_stream(WATCH_RPC, response_deserializer=orchestrator_pb2.ModelList.FromString)
+        await assert_refused(garbage(b"\xff\xff\xff").read(), grpc.StatusCode.UNAUTHENTICATED, ErrorCode.TOKEN_MISSING)
+        # With the key: the same certificate watches.
+        assert {m.model_id for m in (await _watch(channel, _orchestrator_token(private, CRUNCH, WATCH_RPC)).read()).models} == {"counter"}
+    codes = [e["code"] for e in _audit(orchestrator)]
+    assert codes[-1] == "OK" and "TOKEN_MISSING" in codes[-3:-1]  # a repeated refusal may be counted, not repeated
 
 
 async def test_revoked_watcher_is_cut_off_on_a_live_stream(private_orchestrator):
     orchestrator, private = private_orchestrator
     async with _orchestrator_channel(private, orchestrator.port) as channel:
-        stream = orchestrator_pb2_grpc.OrchestratorStub(channel).WatchModels(
-            orchestrator_pb2.WatchModelsRequest(crunch_id=CRUNCH)
-        )
+        stream = _watch(channel, _orchestrator_token(private, CRUNCH, WATCH_RPC))
         assert {m.model_id for m in (await stream.read()).models} == {"counter"}
         _revoke_coordinator(private)
         started = time.monotonic()
@@ -311,14 +450,8 @@ async def test_revoked_watcher_is_cut_off_on_a_live_stream(private_orchestrator)
 
 def _report(client_layout, model_id, deployment_id, *, key=None, key_id=None):
     shared = orchestrator_pb2.FailureReport(deployment_id=deployment_id, reason="TEST").SerializeToString()
-    coordinator = RawCoordinator.__new__(RawCoordinator)  # only its token helper is needed
-    coordinator.layout, coordinator.model_id = client_layout, model_id
-    coordinator.key = load_signing_key(client_layout.coordinator_identity)
-    coordinator.key_id = pki.key_id_for(bytes(coordinator.key.verify_key))
-    coordinator.cert_sha256 = tls.cert_sha256(tls.pem_to_der(client_layout.coordinator_cert.read_bytes()))
-    overrides = {"key": key, "key_id": key_id} if key else {}
-    body = model_id_field(model_id) + shared
-    return body, coordinator.token(body, rpc=REPORT_RPC, **overrides)
+    token = _orchestrator_token(client_layout, model_id, REPORT_RPC, shared, key=key, key_id=key_id)
+    return model_id_field(model_id) + shared, token
 
 
 async def _send_report(channel, body, token):
@@ -328,8 +461,6 @@ async def _send_report(channel, body, token):
 
 
 async def test_spoofed_failure_reports_are_refused_and_stop_nothing(private_orchestrator):
-    from nacl.signing import SigningKey
-
     orchestrator, private = private_orchestrator
     deployment = orchestrator.board.get("counter").deployment_id
     body, token = _report(private, "counter", deployment)
@@ -340,8 +471,11 @@ async def test_spoofed_failure_reports_are_refused_and_stop_nothing(private_orch
     async with _orchestrator_channel(private, orchestrator.port) as channel:
         await assert_refused(_send_report(channel, body, None), grpc.StatusCode.UNAUTHENTICATED, ErrorCode.TOKEN_MISSING)
         assert _audit(orchestrator)[-1]["code"] == "TOKEN_MISSING"
-        await assert_refused(_send_report(channel, body, rogue_token), grpc.StatusCode.UNAUTHENTICATED, ErrorCode.KEY_UNKNOWN)
-        assert _audit(orchestrator)[-1]["code"] == "KEY_UNKNOWN"
+        # Signed by a key the coordinator's certificate does not name (SMP-4a).
+        await assert_refused(
+            _send_report(channel, body, rogue_token), grpc.StatusCode.UNAUTHENTICATED, ErrorCode.TOKEN_KID_MISMATCH
+        )
+        assert _audit(orchestrator)[-1]["code"] == "TOKEN_KID_MISMATCH"
     async with _orchestrator_channel(private, orchestrator.port, runner_creds) as channel:
         await assert_refused(_send_report(channel, body, token), grpc.StatusCode.UNAUTHENTICATED, ErrorCode.PEER_UNAUTHENTICATED)
     assert orchestrator.board.get("counter").state == orchestrator_pb2.MODEL_STATE_RUNNING
@@ -357,22 +491,27 @@ async def test_spoofed_failure_reports_are_refused_and_stop_nothing(private_orch
 # -- runner identity, checked by the client before any request ----------------------------
 
 
-class ImpostorOrchestrator(LocalOrchestrator):
+class ImpostorCredentials(EmbeddedCredentials):
     """Relays, for the counter model, a delegation its cruncher made for another TLS key.
 
     This is what a compromised CA looks like from the client: a runner holding a valid
     certificate for the model that the model's cruncher never vouched for.
     """
 
-    def _sign_delegation(self, info, cert):
+    def delegation(self, info, cert):
         if info.model_id != "counter":
-            return super()._sign_delegation(info, cert)
+            return super().delegation(info, cert)
         other_cert, _ = pki.issue_certificate(
-            pki.load_certificate(self.layout.ca_cert),
-            pki.load_private_key(self.layout.ca_key),
+            pki.load_certificate(self._layout.ca_cert),
+            pki.load_private_key(self._layout.ca_key),
             PeerIdentity.make(CRUNCH, Role.RUNNER, "counter"),
         )
-        return super()._sign_delegation(info, other_cert)
+        return super().delegation(info, other_cert)
+
+
+class ImpostorOrchestrator(LocalOrchestrator):
+    def __init__(self, settings):
+        super().__init__(settings, credentials=ImpostorCredentials(pki.PkiLayout(settings.pki_dir), settings.crunch_id))
 
 
 @pytest.mark.parametrize("attack", ["undelegated-tls-key", "unregistered-signer"])

@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -426,3 +427,145 @@ def test_cli_usage_and_io_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFi
     assert audit_cli.main(["verify", str(tmp_path), "--anchor", "xyz"]) == 2
     assert audit_cli.main([]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- bounded size, bounded start, anchors
+
+
+def _segments(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(path.name + ".0*"))
+
+
+def test_identical_refusals_are_counted_not_repeated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path, aggregate_seconds=60) as log:
+        for i in range(500):
+            log.record(decision="deny", code="PEER_UNAUTHENTICATED", who="spiffe://c1/runner/r", what={"rpc": f"/x/{i}"})
+            if i % 100 == 0:
+                log.record(decision="allow", code="OK", who=WHO, what={"rpc": "/x/Call"})  # never counted
+        log.record(decision="deny", code="TOKEN_EXPIRED", who="spiffe://c1/runner/r", what={"rpc": "/x/Call"})
+        assert len(path.read_bytes().splitlines()) == 1 + 5 + 1  # the first refusal of each kind, the allows
+        # That peer allowed now: its counted refusals are written first, in order, and a new window starts.
+        log.record(decision="allow", code="OK", who="spiffe://c1/runner/r", what={"rpc": "/x/Call"})
+        log.record(decision="deny", code="TOKEN_EXPIRED", who="spiffe://c1/runner/r", what={"rpc": "/x/Call"})
+        log.record(decision="deny", code="TOKEN_EXPIRED", who="spiffe://c1/runner/r", what={"rpc": "/x/Call"})
+    entries = [json.loads(line) for line in path.read_bytes().splitlines()]
+    assert [(e["decision"], e["code"], e["what"].get("repeats")) for e in entries[-4:]] == [
+        ("deny", "PEER_UNAUTHENTICATED", "499"), ("allow", "OK", None), ("deny", "TOKEN_EXPIRED", None),
+        ("deny", "TOKEN_EXPIRED", "1"),
+    ]
+    assert entries[-4]["what"]["rpc"] == "/x/499"
+    assert audit_cli.main(["verify", str(path)]) == 0
+    assert f"OK: {len(entries)} entries" in capsys.readouterr().out
+
+
+def test_a_counting_window_ends_on_time_without_new_records(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path, aggregate_seconds=0.1) as log:
+        for _ in range(3):
+            log.record(decision="deny", code="KEY_REVOKED", who=WHO, what={"rpc": "/x/Call"})
+        deadline = time.monotonic() + 5
+        while len(path.read_bytes().splitlines()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        last = json.loads(path.read_bytes().splitlines()[-1])
+        assert (last["code"], last["what"]["repeats"]) == ("KEY_REVOKED", "2")
+
+
+def test_the_log_rotates_into_segments_that_chain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path, segment_bytes=2_000) as log:
+        _record(log, 40)
+    with AuditLog(path, segment_bytes=2_000) as log:  # reopens on the live segment only
+        assert log.entries == 40
+        _record(log, 10)
+    segments = _segments(path)
+    assert len(segments) >= 5 and all(s.stat().st_size >= 2_000 for s in segments)
+    previous_hash, seq = GENESIS, 0
+    for segment in [*segments, path]:
+        lines = segment.read_bytes().splitlines(keepends=True)
+        first = json.loads(lines[0]) if lines else None
+        if first is not None:
+            assert (first["seq"], first["prev"]) == (seq, previous_hash)
+            assert segment == path or segment.name == f"audit.jsonl.{seq:012d}"
+            previous_hash, seq = json.loads(lines[-1])["hash"], seq + len(lines)
+    assert seq == 50
+    assert audit_cli.main(["verify", str(path)]) == 0
+    assert capsys.readouterr().out.startswith(f"OK: 50 entries, last hash {previous_hash}\n")
+    # A line removed from an old segment is found, and named within its segment.
+    victim = segments[1]
+    lines = victim.read_bytes().splitlines(keepends=True)
+    victim.write_bytes(b"".join(lines[:1] + lines[2:]))
+    assert audit_cli.main(["verify", str(path)]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("secure-runner audit: AUDIT_BROKEN_CHAIN: line 2: ") and f"(in {victim.name})" in error
+
+
+def test_start_time_does_not_grow_with_the_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A live file over the segment size is not read through at start: only its last line is checked."""
+    path = tmp_path / "audit.jsonl"
+    lines = _lines(200)
+    lines[50] = lines[50].replace(b"m50", b"m5X")  # found by `audit verify`, not by a bounded start
+    path.write_bytes(b"".join(lines))
+    with AuditLog(path, segment_bytes=4_096) as log:
+        assert (log.entries, log.last_hash) == (200, json.loads(lines[-1])["hash"])
+        log.record(decision="allow", code="OK", who=WHO, what={})
+    assert _segments(path) == [path.with_name("audit.jsonl.000000000000")]
+    assert audit_cli.main(["verify", str(path)]) == 1
+    assert capsys.readouterr().err.startswith("secure-runner audit: AUDIT_TAMPERED: line 51: ")
+    # Its last line is checked: a torn or changed last line still refuses the start.
+    path.unlink()
+    _segments(path)[0].rename(path)
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(AuditError) as err:
+        AuditLog(path, segment_bytes=4_096)
+    assert err.value.code == ErrorCode.AUDIT_MALFORMED
+
+
+def test_signed_checkpoints_catch_truncation_and_rewrites(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path) as log:
+        _record(log, 6)
+        key = audit.key_text(log.public_key)
+        private = bytes(log._signing_key)
+    checkpoints = path.with_name("audit.jsonl.checkpoints")
+    assert [json.loads(line)["entries"] for line in checkpoints.read_bytes().splitlines()] == [0, 6]
+    assert stat.S_IMODE(checkpoints.stat().st_mode) == 0o600
+    assert all(private not in f.read_bytes() for f in tmp_path.iterdir())  # the signing key is never written
+    assert audit_cli.main(["verify", str(path), "--key", key]) == 0
+    assert capsys.readouterr().out.endswith(f"checkpoint key: {key}\n")
+    original = path.read_bytes()
+
+    def verdict() -> str:
+        assert audit_cli.main(["verify", str(path)]) == 1
+        return capsys.readouterr().err
+
+    # Cut the tail: the chain alone still verifies; the checkpoint says 6 records were signed.
+    path.write_bytes(b"".join(original.splitlines(keepends=True)[:4]))
+    assert verify_lines(path.read_bytes().splitlines(keepends=True)) == 4
+    error = verdict()
+    assert "AUDIT_BROKEN_CHAIN" in error and "truncated after a checkpoint" in error
+    # Rewrite from line 3 on, every hash recomputed: the chain verifies, the signed head does not match.
+    entries = [json.loads(line) for line in original.splitlines()]
+    entries[2]["who"] = "someone else"
+    rewritten, prev = [], entries[1]["hash"]
+    for entry in entries[2:]:
+        fields = {k: entry[k] for k in ("time", "decision", "code", "who", "what")}
+        line, prev = make_line(prev, entry["seq"], **fields)
+        rewritten.append(line)
+    path.write_bytes(b"".join(original.splitlines(keepends=True)[:2] + rewritten))
+    assert verify_lines(path.read_bytes().splitlines(keepends=True)) == 6
+    error = verdict()
+    assert "AUDIT_BROKEN_CHAIN" in error and "rewritten after it was signed" in error
+    # A checkpoint changed to match is no longer signed; one signed by another key is refused with --key.
+    path.write_bytes(b"".join(original.splitlines(keepends=True)[:2] + rewritten))
+    signed = checkpoints.read_bytes().splitlines(keepends=True)
+    forged = json.loads(signed[-1])
+    forged["hash"] = prev
+    checkpoints.write_bytes(signed[0] + json.dumps(forged, sort_keys=True, separators=(",", ":")).encode() + b"\n")
+    assert "AUDIT_TAMPERED" in verdict()
+    path.write_bytes(original)
+    checkpoints.write_bytes(b"".join(signed))
+    with AuditLog(path) as log:  # a new run, a new key
+        _record(log, 1)
+    assert audit_cli.main(["verify", str(path), "--key", key]) == 1
+    assert capsys.readouterr().err.startswith("secure-runner audit: AUDIT_TAMPERED: checkpoint line 3: ")

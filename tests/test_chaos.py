@@ -6,13 +6,17 @@ it: answer, raise, return garbage, crash its worker mid-call or sleep past the t
 A seeded plan (SEED) picks, per round, what each faulty model does; the client's
 per-model arguments carry it. Between rounds the test also kills one runner from outside
 (SIGKILL; the orchestrator restarts it as a new deployment) and has the orchestrator
-redeploy another.
+redeploy another; and it takes the orchestrator itself down (ORCHESTRATOR_DOWN_ROUNDS:
+its supervision and server end without stopping a runner, as a killed orchestrator's
+would; a real SIGKILL of an orchestrator process is tests/test_orchestrator_restart.py),
+plays that round without it, then starts a new orchestrator over the same state store
+and port, which adopts every runner: nothing restarts, no deployment changes.
 
 Every round asserts: exactly one result per targeted model; the round took at most
 timeout + 0.5 s; each model's status and reason are what its act implies (healthy ones
 SUCCESS with their own output, faulty ones MODEL_RAISED, MODEL_OUTPUT_INVALID,
 WORKER_CRASHED or MODEL_TIMEOUT, the just-killed one an infrastructure failure that
-counts for nothing, disconnected ones MODEL_UNAVAILABLE); and a model is disconnected
+counts for nothing (down, not gone), disconnected ones MODEL_UNAVAILABLE); and a model is disconnected
 exactly when the test's own count of its consecutive faults reaches a limit. Before
 each round the test waits (bounded) until no model is connecting or cooling down, so
 each round's outcome is a function of the seed alone and the run is reproducible.
@@ -20,16 +24,19 @@ each round's outcome is a function of the seed alone and the run is reproducible
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import random
 import time
 from collections import Counter
 
 from secure_runner.client.remote_model import ModelState
+from secure_runner.orchestrator.local import LocalOrchestrator
 from secure_runner.client.results import CallStatus, Fault
 from secure_runner.errors import ErrorCode
 from secure_runner.v1 import orchestrator_pb2
 
-from conftest import MODELS, by_id, connected, eventually, fresh_pki, json_args, orchestrating
+from conftest import MODELS, by_id, connected, eventually, free_port, fresh_pki, json_args, orchestrating
 
 SEED = 1
 ROUNDS = 100
@@ -41,6 +48,7 @@ FAULTY = {"slow": ("sleep", 0.15), "raising": ("raise", 0.25), "garbage": ("garb
 KILLED, REDEPLOYED = "killed", "redeployed"
 KILL_ROUNDS = frozenset({20, 50, 80})
 REDEPLOY_ROUNDS = frozenset({35, 65, 95})
+ORCHESTRATOR_DOWN_ROUNDS = frozenset({40, 72})
 MODEL_IDS = (*HEALTHY, *FAULTY, KILLED, REDEPLOYED)
 GHOST = "ghost"  # never deployed: asked for now and then
 EXPECTED = {
@@ -97,8 +105,12 @@ async def test_chaos_rounds(tmp_path):
     referee = Referee()
     seen = Counter()
     slowest = 0.0
-    # A runner per model: killing one from outside must disturb that model only.
-    async with orchestrating(layout, tmp_path, models, models_per_node=1, restart_backoff_first=0.25) as orchestrator:
+    # A runner per model: killing one from outside must disturb that model only. A fixed port: the
+    # orchestrator that replaces a downed one is found where the client knows it.
+    async with orchestrating(
+        layout, tmp_path, models, models_per_node=1, restart_backoff_first=0.25, port=free_port()
+    ) as first, contextlib.AsyncExitStack() as replacements:
+        orchestrator = first
         async with connected(
             layout, orchestrator.port, timeout=TIMEOUT,
             max_consecutive_failures=MAX_FAILURES, max_consecutive_timeouts=MAX_TIMEOUTS,
@@ -121,12 +133,16 @@ async def test_chaos_rounds(tmp_path):
                     await back_as_new_deployment(REDEPLOYED)
                     assert orchestrator.runner_process(REDEPLOYED) is runner  # a fresh worker, same runner
                 assert await client.ready(20), (round_no, client.states)
+                orchestrator_down = round_no in ORCHESTRATOR_DOWN_ROUNDS
+                if orchestrator_down:  # gone between rounds; its runners serve on
+                    orchestrator.settings = dataclasses.replace(orchestrator.settings, stop_models_on_exit=False)
+                    await orchestrator.stop()
                 killed_now = round_no in KILL_ROUNDS
                 if killed_now:  # from outside, between rounds, without telling anyone
                     process = orchestrator.runner_process(KILLED)
                     process.kill()
                     await process.wait()
-                expected_targets = set(client.states) if targets is None else set(targets)
+                expected_targets = set(client.states) | set(client.down) if targets is None else set(targets)
 
                 def arguments(model, acts=acts, round_no=round_no):
                     return json_args({"round": round_no, "act": acts[model.model_id]})
@@ -145,7 +161,7 @@ async def test_chaos_rounds(tmp_path):
                         continue
                     if model_id == KILLED and killed_now:
                         assert result.status is CallStatus.FAILURE and result.fault is Fault.INFRASTRUCTURE, where
-                        assert result.reason in (ErrorCode.UNREACHABLE, ErrorCode.MODEL_UNAVAILABLE), where
+                        assert result.reason in (ErrorCode.UNREACHABLE, ErrorCode.MODEL_RECOVERING), where
                         seen["killed"] += 1
                         continue
                     act = acts[model_id]
@@ -162,6 +178,15 @@ async def test_chaos_rounds(tmp_path):
 
                 if killed_now:
                     await back_as_new_deployment(KILLED)
+                if orchestrator_down:  # a new orchestrator over the same store adopts every runner
+                    updates = client.model_list_updates
+                    orchestrator = LocalOrchestrator(dataclasses.replace(first.settings, stop_models_on_exit=True))
+                    await orchestrator.start()
+                    replacements.push_async_callback(orchestrator.stop)
+                    await eventually(lambda: client.model_list_updates > updates, timeout=20, what="the list again")
+                    assert {m: orchestrator.board.get(m).deployment_id for m in deployments
+                            if m not in referee.dropped} == {m: d for m, d in deployments.items() if m not in referee.dropped}
+                    seen["orchestrator down"] += 1
                 # Disconnected exactly when the limits say: not before, not after.
                 assert set(client.states) == set(MODEL_IDS) - set(referee.dropped), (round_no, referee.dropped)
 
@@ -176,5 +201,6 @@ async def test_chaos_rounds(tmp_path):
                     assert client.states[model_id] is ModelState.READY
     # The seed exercises every kind of outcome and both limits (change it, and this says if it no longer does).
     assert all(seen[act] for act in EXPECTED) and seen["killed"] == len(KILL_ROUNDS), seen
+    assert seen["orchestrator down"] == len(ORCHESTRATOR_DOWN_ROUNDS), seen
     assert {"slow", "raising"} <= set(referee.dropped) and not set(HEALTHY) & set(referee.dropped), referee.dropped
     print(f"chaos: {ROUNDS} rounds, outcomes {dict(seen)}, dropped {sorted(referee.dropped)}, slowest round {slowest:.3f} s")

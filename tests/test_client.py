@@ -6,17 +6,20 @@ import asyncio
 import shutil
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
 
-from secure_runner import CallStatus, Fault
+from secure_runner import CallStatus, CoordinatorSecurity, Fault, pki
 from secure_runner.errors import ErrorCode, RequestError
 from secure_runner.orchestrator.local import LocalOrchestrator, LocalOrchestratorSettings
+from secure_runner.orchestrator.service import WATCH_RPC
 from secure_runner.smp.identity import PeerIdentity, Role
+from secure_runner.smp.token import issue_call_token, model_id_field
 from secure_runner.transport import tls
-from secure_runner.transport.status import reason_of
-from secure_runner.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from secure_runner.transport.status import TOKEN_KEY, reason_of
+from secure_runner.v1 import orchestrator_pb2
 
 from conftest import BASE_PATH, CRUNCH, MODELS, by_id, eventually, json_args, make_client
 
@@ -170,22 +173,35 @@ async def test_failures_disconnect_a_model_after_the_limit(layout, own_orchestra
     await runner.close()
 
 
-async def _watch(layout, port, cert, key, crunch_id=CRUNCH):
+async def _watch(layout, port, cert, key, crunch_id=CRUNCH, *, signed=True):
+    """WatchModels by hand, over `cert`; `signed`: with the coordinator's token for that certificate."""
     creds = grpc.ssl_channel_credentials(
         root_certificates=layout.ca_cert.read_bytes(), private_key=key.read_bytes(), certificate_chain=cert.read_bytes()
     )
     name = PeerIdentity.make(CRUNCH, Role.ORCHESTRATOR, "orchestrator").tls_server_name
+    signing_key = pki.load_signing_key(layout.coordinator_identity)
+    token = issue_call_token(
+        signing_key, key_id=pki.key_id_for(bytes(signing_key.verify_key)), crunch_id=CRUNCH, audience=[crunch_id],
+        destinations=[tls.spki_sha256(tls.pem_to_der(layout.orchestrator_cert.read_bytes()))], rpc=WATCH_RPC,
+        method="", shared_body=b"", cert_sha256=tls.cert_sha256(tls.pem_to_der(cert.read_bytes())), now=int(time.time()),
+    )
     async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options=tls.channel_options(name)) as channel:
-        stream = orchestrator_pb2_grpc.OrchestratorStub(channel).WatchModels(
-            orchestrator_pb2.WatchModelsRequest(crunch_id=crunch_id), timeout=10
-        )
-        return await stream.read()
+        watch = channel.unary_stream(WATCH_RPC, response_deserializer=orchestrator_pb2.ModelList.FromString)
+        metadata = ((TOKEN_KEY, token),) if signed else ()
+        return await watch(model_id_field(crunch_id), metadata=metadata, timeout=10).read()
 
 
 async def test_registered_coordinator_sees_the_model_list(layout, orchestrator):
     snapshot = await _watch(layout, orchestrator, layout.coordinator_cert, layout.coordinator_key)
     assert {m.model_id for m in snapshot.models} == {"counter", "async-model", "no-candidate", "two-candidates"}
     assert all(m.address.startswith("127.0.0.1:") for m in snapshot.models)
+
+
+async def test_a_coordinator_certificate_without_its_signing_key_cannot_watch_the_model_list(layout, orchestrator):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _watch(layout, orchestrator, layout.coordinator_cert, layout.coordinator_key, signed=False)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert reason_of(err.value) == ErrorCode.TOKEN_MISSING
 
 
 async def test_a_runner_certificate_cannot_watch_the_model_list(layout, orchestrator):
@@ -225,8 +241,9 @@ async def test_sync_applies_live_membership_changes(layout, own_orchestrator):
             await asyncio.sleep(0.01)
         assert {m.model_id for m in runner.models} == {"async-model"}
         assert orchestrator.board.get("counter").state == orchestrator_pb2.MODEL_STATE_RECOVERING
-        results = await runner.call("echo", json_args(7))
-        assert [(m.model_id, r.status) for m, r in results.items()] == [("async-model", CallStatus.SUCCESS)]
+        results = await runner.call("echo", json_args(7))  # the recovering model is down, not gone
+        assert {m.model_id: (r.status, r.reason) for m, r in results.items()} == {
+            "async-model": (CallStatus.SUCCESS, ""), "counter": (CallStatus.FAILURE, ErrorCode.MODEL_RECOVERING)}
         # The orchestrator restarts it as a new deployment, and the client connects to that.
         for _ in range(1000):
             if {m.model_id for m in runner.models} == {"counter", "async-model"} and await runner.ready(0):
@@ -248,3 +265,51 @@ def test_a_fault_already_reported_is_not_counted_again():
     assert fault_of(CallStatus.FAILURE, ErrorCode.MODEL_RESTARTING) is Fault.INFRASTRUCTURE
     assert fault_of(CallStatus.FAILURE, ErrorCode.WORKER_CRASHED) is Fault.MODEL
     assert ErrorCode.MODEL_RESTARTING in RESTARTING_FAULTS
+
+
+async def test_result_names_come_from_the_registry_not_the_orchestrator(layout, own_orchestrator):
+    """The orchestrator says where a model runs; who it is (name, cruncher) is the registry's word."""
+    for model_id in ("counter", "async-model"):
+        info = orchestrator_pb2.ModelInfo()
+        info.CopyFrom(own_orchestrator.board.get(model_id))
+        info.model_name, info.cruncher_id, info.cruncher_name = "Impostor", "mallory", "Mallory"
+        await own_orchestrator.board.put(info)
+    runner = make_client(layout, own_orchestrator.port)
+    try:
+        await runner.init()
+        results = by_id(await runner.call("echo", json_args(1)))
+        assert {(r.model_name, r.cruncher_id, r.cruncher_name) for r in results.values()} == {
+            ("Counter", "alice", "Alice"), ("Async", "bob", "Bob")
+        }
+    finally:
+        await runner.close()
+
+
+async def test_a_renewed_coordinator_certificate_serves_new_channels_and_old_ones(layout, own_orchestrator, tmp_path):
+    """Certificate renewal under a running coordinator: each channel's tokens bind the certificate
+    that channel presents, so a channel opened after the renewal works as well as the ones before it."""
+    private = pki.PkiLayout(shutil.copytree(layout.root, tmp_path / "coordinator-pki"))
+    runner = make_client(layout, own_orchestrator.port, security=CoordinatorSecurity.from_pki_dir(private.root))
+    sync = None
+    try:
+        await runner.init()
+        sync = asyncio.create_task(runner.sync())
+        assert all(r.status is CallStatus.SUCCESS for r in (await runner.call("echo", json_args(1))).values())
+        pki.renew(private, new_keys=True)  # the coordinator's certificate and TLS key, renewed on disk
+        before = {m.model_id: m.deployment_id for m in runner.models}
+        own_orchestrator.runner_process("counter").kill()  # its new deployment means a new channel
+        for _ in range(1500):
+            renewed = {m.model_id: m.deployment_id for m in runner.models}
+            if renewed.get("counter") not in (None, before["counter"]) and await runner.ready(0):
+                break
+            await asyncio.sleep(0.01)
+        results = by_id(await runner.call("echo", json_args(2)))
+        assert {model_id: (r.status, r.reason) for model_id, r in results.items()} == {
+            "counter": (CallStatus.SUCCESS, ""), "async-model": (CallStatus.SUCCESS, "")
+        }
+        assert results["counter"].deployment_id != before["counter"]
+    finally:
+        if sync is not None:
+            sync.cancel()
+            await asyncio.gather(sync, return_exceptions=True)
+        await runner.close()

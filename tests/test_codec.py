@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import decimal
 import enum
 import io
 import json
@@ -16,14 +18,19 @@ import uuid
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from hypothesis.extra import pandas as hpd
 
 from secure_runner.codec import (
     DEFAULT_LIMITS,
     CodecLimits,
+    check_arguments,
     decode_arguments,
     decode_data,
     encode_arguments,
@@ -31,7 +38,12 @@ from secure_runner.codec import (
     from_variant,
     to_variant,
 )
-from secure_runner.errors import CodecError, ErrorCode
+from conftest import RawCoordinator, write_submission
+from secure_runner import codec
+from secure_runner.client.concurrent_runner import encode_call
+from secure_runner.errors import CodecError, ErrorCode, RequestError
+from secure_runner.transport import tls
+from secure_runner.v1 import runner_pb2
 from secure_runner.v1.values_pb2 import Argument, KwArgument, Variant, VariantType
 
 V = VariantType
@@ -296,7 +308,10 @@ def _assert_decodes_like_json(data: bytes) -> None:
     try:
         expected = _strict_loads(data)
     except (ValueError, RecursionError):
-        decode_or_codec_error(V.JSON, data)  # json refused it: ours must not crash on it either
+        refused_code = (ErrorCode.INVALID_VALUE, ErrorCode.VALUE_TOO_DEEP, ErrorCode.VALUE_TOO_LARGE)
+        with pytest.raises(CodecError) as info:  # json refused it: so must we, with a typed error
+            decode_data(V.JSON, data)
+        assert info.value.code in refused_code, (data, info.value)
         return
     try:
         got = decode_data(V.JSON, data)
@@ -319,6 +334,60 @@ def test_fuzz_json_numbers_decode_exactly_as_json_does(items: list[str]) -> None
 @given(st.text(alphabet='[]",:0123456789.eE+-tfnulNaIiydc\\ \t\n\x0b\x00é\ud800', max_size=60))
 def test_fuzz_json_text_decodes_exactly_as_json_does(text: str) -> None:
     _assert_decodes_like_json(text.encode("utf-8", "surrogatepass"))
+
+
+json_keys = st.sampled_from(['"a"', '"b"', '"a:"', '":"', '"::"', '"\\u003a"', '"a\\u003A"', '"\\\\u003a"', '""'])
+json_members = number_text | st.sampled_from(['"x:y"', '":"', '"\\u003a"', "null", "true", '"a"', "[]", "{}"])
+json_documents = st.recursive(
+    json_members,
+    lambda inner: st.lists(st.tuples(json_keys, inner), max_size=4).map(
+        lambda members: "{" + ",".join(f"{key}:{value}" for key, value in members) + "}"
+    )
+    | st.lists(inner, max_size=4).map(lambda items: "[" + ",".join(items) + "]"),
+    max_leaves=14,
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(json_documents)
+def test_fuzz_json_objects_decode_exactly_as_json_does(text: str) -> None:
+    """Objects take orjson too: duplicate keys (orjson keeps the last) must still be refused, colons in
+    keys and strings (written or escaped) must not hide or fake one."""
+    _assert_decodes_like_json(text.encode())
+
+
+# Text that other encoders write for ordinary floats: long fractions, long mantissas, exponents.
+ORDINARY_FLOAT_TEXT = [
+    "0.00012345678901234567", "123456.78901234567", "1.2345678901234567e-05", "-0.0", "5e-324", "1E+300",
+    "0.1000000000000000055511151231257827021181583404541015625", "12345678901234567890.5", "9007199254740993.0",
+    "2.2250738585072011e-308", "1.7976931348623157e308", "4.9406564584124654e-324", "123456789012345678901234e-5",
+]  # fmt: skip
+
+
+def test_json_reads_ordinary_floats_and_objects_without_the_slow_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Floats with 19 or more digits, and objects, no longer send a whole value to `json` (4x slower)."""
+    documents = [
+        ("[" + ",".join(ORDINARY_FLOAT_TEXT) + "]").encode(),
+        json.dumps({"prices": [0.00012345678901234567] * 3, "at": "12:00:01", "url": "http://x"}).encode(),
+        json.dumps([{"t": f"12:{minute}", "p": minute / 7} for minute in range(60)]).encode(),
+    ]
+    expected = [_strict_loads(data) for data in documents]
+
+    def slow_parser(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the slow parser was used")
+
+    monkeypatch.setattr(codec.json, "loads", slow_parser)
+    for data, value in zip(documents, expected):
+        assert _same(decode_data(V.JSON, data), value), data
+
+
+@pytest.mark.parametrize(
+    "text", ["[18446744073709551616]", "-9223372036854775809", '{"n":123456789012345678901234567890}', "[1e1234567890123456789]"]
+)
+def test_json_big_integers_stay_exact(text: str) -> None:
+    _assert_decodes_like_json(text.encode())
+    if "e" not in text:
+        assert json.dumps(decode_data(V.JSON, text.encode()), separators=(",", ":")) == text
 
 
 def nested(depth: int, leaf: Any = 0) -> Any:
@@ -464,13 +533,13 @@ def test_ndarray_without_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
         assert "numpy" in error.message
 
 
-def test_codec_does_not_import_numpy() -> None:
+def test_codec_does_not_import_numpy_pyarrow_or_pandas() -> None:
     script = (
         "import sys\n"
         "from secure_runner.codec import to_variant, from_variant\n"
         "for value in (None, 1, 2.5, 'x', b'y', {'a': [1, (2,)]}):\n"
         "    from_variant(to_variant(value))\n"
-        "assert 'numpy' not in sys.modules\n"
+        "assert not {'numpy', 'pyarrow', 'pandas'} & set(sys.modules), sys.modules.keys()\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True)
 
@@ -491,23 +560,26 @@ def test_encode_refuses_wrong_python_type(variant_type: int, value: Any, expecte
     assert type(value).__name__ in error.message
 
 
-@pytest.mark.parametrize("variant_type", [V.PARQUET, V.ARROW])
-def test_reserved_types_are_not_supported_yet(variant_type: int) -> None:
-    assert "not supported yet" in refused(
-        ErrorCode.UNSUPPORTED_TYPE, encode_data, variant_type, b"x"
-    ).message
-    refused(ErrorCode.UNSUPPORTED_TYPE, decode_data, variant_type, b"x")
-
-
 @pytest.mark.parametrize("variant_type", [10, -1, 2**40, True, 6.0, "JSON", None, [6]])
 def test_unknown_types_are_unsupported(variant_type: Any) -> None:
     refused(ErrorCode.UNSUPPORTED_TYPE, encode_data, variant_type, None)
     refused(ErrorCode.UNSUPPORTED_TYPE, decode_data, variant_type, b"")
 
 
-@pytest.mark.parametrize("variant_type", [*BINARY_TYPES, V.JSON, V.NDARRAY])
+@pytest.mark.parametrize("variant_type", [*BINARY_TYPES, V.JSON, V.NDARRAY, V.PARQUET, V.ARROW])
 def test_decode_checks_size_before_content(variant_type: int) -> None:
     refused(ErrorCode.VALUE_TOO_LARGE, decode_data, variant_type, b"\xff" * 11, limits=SMALL)
+
+
+def test_value_cap_follows_the_message_cap() -> None:
+    assert codec.MESSAGE_CAP_BYTES == tls.MAX_MESSAGE_BYTES
+    assert DEFAULT_LIMITS.max_value_bytes == tls.MAX_MESSAGE_BYTES - codec.REQUEST_ROOM_BYTES
+    big = b"\x00" * (24 * 1024 * 1024)  # over the old 16 MiB cap; the reference carries 24 MiB values
+    assert roundtrip(V.BYTES, big) == big
+    too_big = memoryview(bytearray(DEFAULT_LIMITS.max_value_bytes + 1))
+    error = refused(ErrorCode.VALUE_TOO_LARGE, encode_data, V.BYTES, too_big)
+    assert str(DEFAULT_LIMITS.max_value_bytes) in error.message
+    refused(ErrorCode.VALUE_TOO_LARGE, decode_data, V.BYTES, bytes(too_big))
 
 
 def test_encode_size_limit() -> None:
@@ -609,42 +681,88 @@ def test_arguments_roundtrip() -> None:
     assert decode_arguments([], []) == ([], {})
 
 
+# The coordinator checks a call with check_arguments, the worker decodes it: both refuse the same.
+ARGUMENT_READERS = [decode_arguments, check_arguments]
+
+
+@pytest.mark.parametrize("read", ARGUMENT_READERS)
 @pytest.mark.parametrize("positions", [[0], [2], [1, 3], [1, 1], [2, 1, 2], [1, 2, 4]])
-def test_decode_arguments_refuses_bad_positions(positions: list[int]) -> None:
+def test_arguments_refuse_bad_positions(read: Any, positions: list[int]) -> None:
     arguments = [none_argument(position) for position in positions]
-    refused(ErrorCode.INVALID_ARGUMENTS, decode_arguments, arguments, [])
+    refused(ErrorCode.INVALID_ARGUMENTS, read, arguments, [])
 
 
+@pytest.mark.parametrize("read", ARGUMENT_READERS)
 @pytest.mark.parametrize("keyword", ["", "1a", "a-b", "a b", "_x", "__class__", "class", "None"])
-def test_arguments_refuse_bad_keywords(keyword: str) -> None:
-    refused(ErrorCode.INVALID_ARGUMENTS, decode_arguments, [], [none_kwarg(keyword)])
+def test_arguments_refuse_bad_keywords(read: Any, keyword: str) -> None:
+    refused(ErrorCode.INVALID_ARGUMENTS, read, [], [none_kwarg(keyword)])
     refused(ErrorCode.INVALID_ARGUMENTS, encode_arguments, [], {keyword: None})
 
 
-def test_arguments_refuse_repeated_keywords_and_non_str_keys() -> None:
-    refused(ErrorCode.INVALID_ARGUMENTS, decode_arguments, [], [none_kwarg("x"), none_kwarg("x")])
+@pytest.mark.parametrize("read", ARGUMENT_READERS)
+def test_arguments_refuse_repeated_keywords_and_non_str_keys(read: Any) -> None:
+    refused(ErrorCode.INVALID_ARGUMENTS, read, [], [none_kwarg("x"), none_kwarg("x")])
     refused(ErrorCode.INVALID_ARGUMENTS, encode_arguments, [], {1: None})
 
 
-def test_decode_arguments_limits_the_count() -> None:
+@pytest.mark.parametrize("read", ARGUMENT_READERS)
+def test_arguments_limit_the_count(read: Any) -> None:
     arguments = [none_argument(position) for position in range(1, 200)]
     keywords = [none_kwarg(f"k{index}") for index in range(57)]
-    assert len(decode_arguments(arguments, keywords)[1]) == 57  # 256 in all
-    refused(ErrorCode.INVALID_ARGUMENTS, decode_arguments, arguments, [*keywords, none_kwarg("z")])
-    refused(ErrorCode.INVALID_ARGUMENTS, decode_arguments, arguments[:3], [], max_arguments=2)
+    read(arguments, keywords)  # 256 in all
+    assert len(decode_arguments(arguments, keywords)[1]) == 57
+    refused(ErrorCode.INVALID_ARGUMENTS, read, arguments, [*keywords, none_kwarg("z")])
+    refused(ErrorCode.INVALID_ARGUMENTS, read, arguments[:3], [], max_arguments=2)
 
 
-def test_decode_arguments_keeps_value_error_codes() -> None:
+@pytest.mark.parametrize("read", ARGUMENT_READERS)
+def test_arguments_keep_value_error_codes(read: Any) -> None:
     bad_int = Variant(type=V.INT, value=b"")
     arguments = [none_argument(1), Argument(position=2, data=bad_int)]
-    error = refused(ErrorCode.INVALID_VALUE, decode_arguments, arguments, [])
+    error = refused(ErrorCode.INVALID_VALUE, read, arguments, [])
     assert "argument 2" in error.message
     keywords = [KwArgument(keyword="x", data=bad_int)]
-    error = refused(ErrorCode.INVALID_VALUE, decode_arguments, [], keywords)
+    error = refused(ErrorCode.INVALID_VALUE, read, [], keywords)
     assert "keyword x" in error.message
-    reserved = Argument(position=1, data=Variant(type=V.ARROW))
-    refused(ErrorCode.UNSUPPORTED_TYPE, decode_arguments, [reserved], [])
+    unknown = Argument(position=1, data=Variant(type=10))
+    refused(ErrorCode.UNSUPPORTED_TYPE, read, [unknown], [])
+    duplicate_keys = Argument(position=1, data=Variant(type=V.JSON, value=b'{"a":1,"a":2}'))
+    refused(ErrorCode.INVALID_VALUE, read, [duplicate_keys], [])
     refused(ErrorCode.INVALID_VALUE, encode_arguments, [{1, 2}], {})
+
+
+def test_check_arguments_decodes_only_what_this_process_did_not_encode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The coordinator's check skips values encode_data and encode_arguments made, and decodes any other once."""
+    decoded: list[bytes] = []
+    encode_json, decode_json = codec._CODECS[V.JSON]
+
+    def counting_decode(data: bytes, limits: CodecLimits) -> Any:
+        decoded.append(data)
+        return decode_json(data, limits)
+
+    monkeypatch.setitem(codec._CODECS, V.JSON, (encode_json, counting_decode))
+    prices = [101.25, 99.5, {"at": "12:00"}]
+    made_here = Argument(position=1, data=Variant(type=V.JSON, value=encode_data(V.JSON, prices)))
+    (from_encode_arguments,), _ = encode_arguments([prices * 2], {})
+    check_arguments([made_here], [KwArgument(keyword="k", data=from_encode_arguments.data)])
+    assert decoded == []
+    elsewhere = json.dumps(prices).encode()  # the same value, written by another encoder
+    check_arguments([Argument(position=1, data=Variant(type=V.JSON, value=elsewhere))], [])
+    assert decoded == [elsewhere]
+    looser = encode_data(V.JSON, [1, 2, 3], limits=CodecLimits(max_depth=3))  # other limits: decoded again
+    check_arguments([Argument(position=1, data=Variant(type=V.JSON, value=looser))], [])
+    assert decoded == [elsewhere, looser]
+
+
+@pytest.mark.parametrize(
+    "bad", [Variant(type=V.JSON, value=b'{"a":1,"a":2}'), Variant(type=V.PARQUET, value=b"PAR1"), Variant(type=V.INT)]
+)
+def test_the_coordinator_refuses_its_own_bad_values_before_sending(bad: Variant) -> None:
+    good = Argument(position=1, data=Variant(type=V.JSON, value=encode_data(V.JSON, [1.5])))
+    assert encode_call("echo", [good], None)
+    with pytest.raises(RequestError) as info:
+        encode_call("echo", [good, Argument(position=2, data=bad)], None)
+    assert info.value.code == ErrorCode.INVALID_VALUE
 
 
 # --- Fuzz: decoding random bytes returns or raises CodecError, nothing else ---------------
@@ -686,3 +804,311 @@ def test_fuzz_decode_mutated_npy(array: np.ndarray, data: st.DataObject) -> None
 @given(st.text(alphabet='[]{}",:0123456789.eE+-tfnulNaIiy\\ \x00é\ud800', max_size=60))
 def test_fuzz_decode_json_like_text(text: str) -> None:
     decode_or_codec_error(V.JSON, text.encode("utf-8", "surrogatepass"))
+
+
+# --- PARQUET and ARROW ------------------------------------------------------------------
+
+FRAME_TYPES = [V.PARQUET, V.ARROW]
+EXTENSION_CALLS: list[bytes] = []
+
+
+class _RecordingExtension(pa.ExtensionType):
+    """A registered extension type whose deserializer records every call (as a malicious one would run)."""
+
+    def __init__(self) -> None:
+        super().__init__(pa.int64(), "sr_test.recording")
+
+    def __arrow_ext_serialize__(self) -> bytes:
+        return b"payload"
+
+    @classmethod
+    def __arrow_ext_deserialize__(cls, storage_type: Any, serialized: bytes) -> Any:
+        EXTENSION_CALLS.append(serialized)
+        return cls()
+
+
+pa.register_extension_type(_RecordingExtension())
+
+
+def reference_parquet(table: Any) -> bytes:
+    """What the reference client sends for a data frame: pyarrow's Parquet writer with its defaults."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def arrow_stream(table: Any, **options: Any) -> bytes:
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(**options)) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def reference_decode(variant_type: int, data: bytes) -> pd.DataFrame:
+    """pyarrow's own reading, as the reference client does it for PARQUET (and for ARROW by analogy)."""
+    if variant_type == V.PARQUET:
+        return pq.read_table(io.BytesIO(data)).to_pandas()
+    return pa.ipc.open_stream(data).read_all().to_pandas()
+
+
+def frame_bytes(variant_type: int, table: Any) -> bytes:
+    return reference_parquet(table) if variant_type == V.PARQUET else arrow_stream(table)
+
+
+plain_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=8)
+frames = hpd.data_frames(
+    [hpd.column("i", dtype=np.int64), hpd.column("f", dtype=np.float64), hpd.column("b", dtype=bool),
+     hpd.column("s", elements=plain_text, dtype=object), hpd.column("u", dtype=np.uint8),
+     hpd.column("t", elements=st.datetimes(min_value=datetime.datetime(1970, 1, 1)), dtype="datetime64[ns]")],
+    index=hpd.range_indexes(max_size=12),
+)  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@given(frames, st.sampled_from(FRAME_TYPES))
+def test_frames_roundtrip_like_pyarrow(frame: pd.DataFrame, variant_type: int) -> None:
+    assert_roundtrips_like_pyarrow(variant_type, frame)
+
+
+def assert_roundtrips_like_pyarrow(variant_type: int, frame: pd.DataFrame) -> None:
+    """Differential: our bytes decode to the frame, and to what pyarrow's own reader makes of them."""
+    data = encode_data(variant_type, frame)
+    decoded = decode_data(variant_type, data)
+    pd.testing.assert_frame_equal(decoded, reference_decode(variant_type, data))
+    pd.testing.assert_frame_equal(decoded, pa.Table.from_pandas(frame).to_pandas())
+
+
+@pytest.mark.parametrize("variant_type", FRAME_TYPES)
+@pytest.mark.parametrize(
+    "frame",
+    [pd.DataFrame({"x": [1.5, None, -0.0]}, index=pd.Index(["a", "b", "c"], name="key")),
+     pd.DataFrame({"n": pd.array([1, None], dtype="Int64"), "c": pd.Categorical(["lo", "hi"]),
+                   "z": pd.date_range("2026-01-01", periods=2, tz="Europe/Paris")}),
+     pd.DataFrame({"x": range(5)}, index=pd.RangeIndex(10, 20, 2)), pd.DataFrame(),
+     pd.DataFrame({"d": [datetime.date(2026, 1, 2)], "m": [decimal.Decimal("1.25")], "b": [b"\x00"]}),
+     pd.DataFrame({"v": [[1.0, 2.0], []], "r": [{"k": 1}, {"k": 2}]})],
+    ids=["named-index", "nullable-categorical-tz", "range-index", "empty", "objects", "nested"],
+)  # fmt: skip
+def test_frames_roundtrip_special_frames(frame: pd.DataFrame, variant_type: int) -> None:
+    assert_roundtrips_like_pyarrow(variant_type, frame)
+
+
+@pytest.mark.parametrize("variant_type", FRAME_TYPES)
+def test_frames_decode_what_the_reference_and_pandas_write(variant_type: int) -> None:
+    frame = pd.DataFrame({"price": [101.2, 101.9], "asset": ["BTC", "ETH"]})
+    table = pa.Table.from_pandas(frame)
+    pd.testing.assert_frame_equal(decode_data(variant_type, frame_bytes(variant_type, table)), frame)
+    if variant_type == V.PARQUET:
+        pd.testing.assert_frame_equal(decode_data(V.PARQUET, frame.to_parquet()), frame)
+    table = pa.table({"a": [[1, 2], None], "s": [{"x": 1.5}, {"x": None}]})  # a pyarrow Table: no pandas metadata
+    pd.testing.assert_frame_equal(decode_data(variant_type, encode_data(variant_type, table)), table.to_pandas())
+
+
+def test_to_variant_infers_parquet_for_frames() -> None:
+    frame = pd.DataFrame({"x": [1, 2]})
+    for value in (frame, pa.Table.from_pandas(frame)):
+        variant = to_variant(value)
+        assert variant.type == V.PARQUET
+        pd.testing.assert_frame_equal(from_variant(variant), frame)
+
+
+@pytest.mark.parametrize("variant_type", FRAME_TYPES)
+def test_frames_refuse_extension_types_before_pyarrow_reads_them(variant_type: int) -> None:
+    table = pa.table({"a": pa.ExtensionArray.from_storage(_RecordingExtension(), pa.array([1, 2]))})
+    data = frame_bytes(variant_type, table)
+    EXTENSION_CALLS.clear()
+    reference_decode(variant_type, data)  # pyarrow's own reader runs the registered deserializer...
+    assert EXTENSION_CALLS
+    EXTENSION_CALLS.clear()
+    assert "extension" in refused(ErrorCode.INVALID_VALUE, decode_data, variant_type, data).message
+    assert EXTENSION_CALLS == []  # ...ours refuses the bytes before pyarrow reads the schema
+    refused(ErrorCode.INVALID_VALUE, encode_data, variant_type, table)
+    period = pd.DataFrame({"p": pd.period_range("2026-01", periods=2, freq="M")})  # pandas' own extension type
+    refused(ErrorCode.INVALID_VALUE, encode_data, variant_type, period)
+
+
+@pytest.mark.parametrize("name_length", range(6))
+def test_parquet_extension_key_is_found_at_every_base64_alignment(name_length: int) -> None:
+    """Parquet keeps the Arrow schema base64-encoded: the field name shifts where the key lands."""
+    storage = pa.array([1], pa.int64())
+    table = pa.table({"n" * (name_length + 1): pa.ExtensionArray.from_storage(_RecordingExtension(), storage)})
+    data = reference_parquet(table)
+    assert b"ARROW:extension:name" not in data
+    EXTENSION_CALLS.clear()
+    refused(ErrorCode.INVALID_VALUE, decode_data, V.PARQUET, data)
+    assert EXTENSION_CALLS == []
+
+
+DTYPE_LOOKUPS: list[str] = []
+
+
+@pd.api.extensions.register_extension_dtype
+class _RecordingDtype(pd.api.extensions.ExtensionDtype):
+    """A registered pandas dtype: pandas_dtype("sr_recording") builds it, running its code."""
+
+    name = "sr_recording"
+    type = object
+
+    @classmethod
+    def construct_from_string(cls, string: str) -> Any:
+        if string != cls.name:
+            raise TypeError(string)
+        DTYPE_LOOKUPS.append(string)
+        return cls()
+
+    @classmethod
+    def construct_array_type(cls) -> Any:
+        return pd.arrays.NumpyExtensionArray
+
+
+def with_pandas_metadata(variant_type: int, change: Any) -> bytes:
+    """Bytes of a small frame whose pandas metadata went through `change` (a dict -> dict function)."""
+    table = pa.Table.from_pandas(pd.DataFrame({"x": [1.0, 2.0]}, index=pd.Index([3, 4], name="k")))
+    metadata = change(json.loads(table.schema.metadata[b"pandas"]))
+    raw = metadata if isinstance(metadata, bytes) else json.dumps(metadata).encode()
+    return frame_bytes(variant_type, table.replace_schema_metadata({b"pandas": raw}))
+
+
+def _set_column(key: str, value: Any) -> Any:
+    def change(metadata: dict) -> dict:
+        metadata["columns"][0][key] = value
+        return metadata
+
+    return change
+
+
+@pytest.mark.parametrize("variant_type", FRAME_TYPES)
+def test_frames_refuse_pandas_metadata_that_reaches_registered_dtypes(variant_type: int) -> None:
+    data = with_pandas_metadata(variant_type, _set_column("numpy_type", "sr_recording"))
+    DTYPE_LOOKUPS.clear()
+    with contextlib.suppress(Exception):
+        reference_decode(variant_type, data)  # pyarrow's to_pandas asks pandas for the dtype by name...
+    assert DTYPE_LOOKUPS == ["sr_recording"]
+    DTYPE_LOOKUPS.clear()
+    assert "pandas metadata" in refused(ErrorCode.INVALID_VALUE, decode_data, variant_type, data).message
+    assert DTYPE_LOOKUPS == []  # ...ours never does
+
+
+@pytest.mark.parametrize(
+    "change",
+    [_set_column("pandas_type", "sr_recording"), _set_column("metadata", {"timezone": "dateutil//etc/passwd"}),
+     _set_column("metadata", {"pickle": "gASV"}), _set_column("name", ["a", "b"]),
+     lambda m: {**m, "column_indexes": m["column_indexes"] * 2}, lambda m: {**m, "extra": 1},
+     lambda m: {**m, "index_columns": [{"kind": "range", "name": None, "start": 0, "stop": 2, "step": 0}]},
+     lambda m: {**m, "index_columns": [{"kind": "eval", "name": None}]}, lambda m: [m],
+     lambda m: b'{"columns": [], "columns": []}', lambda m: b"\x80\x04pickle"],
+    ids=["pandas-type", "timezone-path", "metadata-key", "container-name", "column-multiindex", "unknown-key",
+         "zero-step", "index-kind", "not-an-object", "duplicate-keys", "not-json"],
+)  # fmt: skip
+def test_frames_refuse_unexpected_pandas_metadata(change: Any) -> None:
+    for variant_type in FRAME_TYPES:
+        refused(ErrorCode.INVALID_VALUE, decode_data, variant_type, with_pandas_metadata(variant_type, change))
+
+
+@pytest.mark.parametrize("compression", ["zstd", "lz4"])
+def test_arrow_refuses_compressed_bodies(compression: str) -> None:
+    table = pa.table({"x": [0] * 1000, "d": pa.array(["a", "b"] * 500).dictionary_encode()})
+    assert_frame = decode_data(V.ARROW, arrow_stream(table))
+    pd.testing.assert_frame_equal(assert_frame, table.to_pandas())
+    error = refused(ErrorCode.INVALID_VALUE, decode_data, V.ARROW, arrow_stream(table, compression=compression))
+    assert "compressed" in error.message
+
+
+@pytest.mark.parametrize("variant_type", FRAME_TYPES)
+def test_frames_limits(variant_type: int) -> None:
+    table = pa.table({"a": range(100), "b": [0.5] * 100})
+    data = frame_bytes(variant_type, table)
+    assert len(decode_data(variant_type, data, limits=CodecLimits(max_rows=100, max_columns=2))) == 100
+    for limits in (CodecLimits(max_rows=99), CodecLimits(max_columns=1), CodecLimits(max_decoded_bytes=1000)):
+        refused(ErrorCode.VALUE_TOO_LARGE, decode_data, variant_type, data, limits=limits)
+        refused(ErrorCode.VALUE_TOO_LARGE, encode_data, variant_type, table, limits=limits)
+    refused(ErrorCode.VALUE_TOO_LARGE, decode_data, variant_type, data, limits=CodecLimits(max_value_bytes=len(data) - 1))
+    nested = pa.table({"n": pa.array([[[[1]]]])})  # list<list<list<int>>>: depth 4
+    nested_data = frame_bytes(variant_type, nested)
+    assert len(decode_data(variant_type, nested_data, limits=CodecLimits(max_depth=4))) == 1
+    refused(ErrorCode.VALUE_TOO_DEEP, decode_data, variant_type, nested_data, limits=CodecLimits(max_depth=3))
+    refused(ErrorCode.VALUE_TOO_DEEP, encode_data, variant_type, nested, limits=CodecLimits(max_depth=3))
+
+
+def test_parquet_decompression_is_bounded() -> None:
+    """A few kilobytes of Parquet that would decompress to 80 MB."""
+    table = pa.table({"zeros": np.zeros(10_000_000)})
+    data = reference_parquet(table)
+    assert len(data) < 200_000
+    refused(ErrorCode.VALUE_TOO_LARGE, decode_data, V.PARQUET, data, limits=CodecLimits(max_decoded_bytes=10_000_000))
+
+
+@pytest.mark.parametrize(
+    "column",
+    [pa.ListArray.from_arrays([0, 1, 2], pa.array(["a", "b"]).dictionary_encode()),
+     pa.array(["a", "b"], pa.string_view()), pa.array([[1], [2]], pa.list_view(pa.int64())),
+     pa.RunEndEncodedArray.from_arrays([2], [7]),
+     pa.UnionArray.from_sparse(pa.array([0, 0], pa.int8()), [pa.array([1, 2])])],
+    ids=["nested-dictionary", "string-view", "list-view", "run-end-encoded", "union"],
+)  # fmt: skip
+def test_arrow_refuses_types_whose_values_can_repeat(column: Any) -> None:
+    table = pa.table({"c": column})
+    refused(ErrorCode.INVALID_VALUE, decode_data, V.ARROW, arrow_stream(table))
+    refused(ErrorCode.INVALID_VALUE, encode_data, V.ARROW, table)
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"PAR1", b"PAR1" + b"\x00" * 8 + b"PAR1", b"PAR1\x00\x00\x00\x00\x08\x00\x00\x00PARE", b"not parquet"]
+)
+def test_parquet_refuses_what_is_not_plain_parquet(data: bytes) -> None:
+    refused(ErrorCode.INVALID_VALUE, decode_data, V.PARQUET, data)
+
+
+@pytest.mark.parametrize("variant_type", FRAME_TYPES)
+@pytest.mark.parametrize("value", [[1, 2], {"a": [1]}, np.zeros(3), pd.Series([1.0])])
+def test_frames_encode_refuses_non_frames(variant_type: int, value: Any) -> None:
+    assert "pandas.DataFrame or pyarrow.Table" in refused(ErrorCode.INVALID_VALUE, encode_data, variant_type, value).message
+
+
+def test_frames_without_pyarrow(monkeypatch: pytest.MonkeyPatch) -> None:
+    frame = pd.DataFrame({"x": [1]})
+    data = encode_data(V.PARQUET, frame)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow` fail
+    for variant_type in FRAME_TYPES:
+        for function, arg in [(encode_data, frame), (decode_data, data)]:
+            assert "frames" in refused(ErrorCode.UNSUPPORTED_TYPE, function, variant_type, arg).message
+
+
+def _mutated(data: bytes, draw: st.DataObject) -> bytes:
+    payload = bytearray(data)
+    for _ in range(draw.draw(st.integers(1, 6))):
+        index = draw.draw(st.integers(0, len(payload) - 1))
+        payload[index] = draw.draw(st.integers(0, 255))
+    cut = draw.draw(st.integers(0, len(payload)))
+    return bytes(payload[:cut]) if draw.draw(st.booleans()) else bytes(payload)
+
+
+FUZZ_TABLE = pa.Table.from_pandas(
+    pd.DataFrame({"i": [1, 2, 3], "s": ["a", None, "c"], "c": pd.Categorical(["x", "y", "x"]),
+                  "l": [[1.5], [], None]}, index=pd.Index([7, 8, 9], name="k"))
+)  # fmt: skip
+FUZZ_SEEDS = {V.PARQUET: reference_parquet(FUZZ_TABLE), V.ARROW: arrow_stream(FUZZ_TABLE)}
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(FRAME_TYPES), st.data())
+def test_fuzz_decode_mutated_frames(variant_type: int, data: st.DataObject) -> None:
+    """Mutated Parquet and Arrow bytes decode to a frame or raise CodecError: never crash, never anything else."""
+    decode_or_codec_error(variant_type, _mutated(FUZZ_SEEDS[variant_type], data))
+
+
+async def test_a_sandboxed_model_reads_and_returns_data_frames(layout, fresh_runner, tmp_path) -> None:
+    """End to end: a real runner's sandboxed worker decodes a PARQUET argument and its frame output comes back."""
+    summary = "def echo(self, frame):\n        return frame.groupby('asset').price.agg(['mean', 'count'])"
+    runner = fresh_runner("counter", write_submission(tmp_path, "frames", {"echo": summary}))
+    client = RawCoordinator(layout, runner.address, "counter")
+    try:
+        assert (await client.setup()).status == runner_pb2.CALL_STATUS_SUCCESS
+        frame = pd.DataFrame({"asset": ["BTC", "ETH", "BTC"], "price": [100.0, 10.0, 102.0]})
+        response = await client.call("echo", frame, timeout=30)
+        assert response.status == runner_pb2.CALL_STATUS_SUCCESS, response
+        assert response.output.type == V.PARQUET
+        expected = frame.groupby("asset").price.agg(["mean", "count"])
+        pd.testing.assert_frame_equal(from_variant(response.output), expected)
+    finally:
+        await client.close()

@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -24,7 +27,7 @@ from secure_runner.orchestrator.service import ModelBoard
 from secure_runner.v1 import orchestrator_pb2, runner_pb2
 
 from conftest import (
-    MODELS, RawCoordinator, RunnerProcess, assert_refused, by_id, connected, eventually, fresh_pki, json_args,
+    CRUNCH, MODELS, RawCoordinator, RunnerProcess, assert_refused, by_id, connected, eventually, fresh_pki, json_args,
     orchestrating, write_submission,
 )
 
@@ -40,16 +43,17 @@ NODE = "node-0"
 
 
 def worker_pids(runner_pid: int) -> dict[str, int]:
-    """Submission folder name -> pid of the runner's worker for it, read from /proc."""
+    """Model id -> pid of the runner's worker for it, read from /proc (its cgroup is `<model>.<serial>`)."""
     found = {}
     for entry in Path("/proc").iterdir():
         try:
             ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
             argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
+            cgroup = next(line for line in (entry / "cgroup").read_text().splitlines() if "secure-runner" in line)
+        except (OSError, ValueError, IndexError, StopIteration):
             continue  # not a process, or gone meanwhile
         if ppid == runner_pid and b"secure_runner.runner.worker" in argv:
-            found[Path(json.loads(argv[4])["submission"]).name] = int(entry.name)
+            found[cgroup.rpartition("/")[2].rpartition(".")[0]] = int(entry.name)
     return found
 
 
@@ -213,19 +217,27 @@ async def test_malformed_control_lines_are_refused_and_the_runner_serves_on(layo
         audited = len(runner.audit_entries())
         assert runner.command(b"STOP counter") == "OK STOP counter"
         denials = [e for e in runner.audit_entries()[:audited] if e["what"].get("rpc") == "control"]
-        assert [(e["decision"], e["code"]) for e in denials] == [("deny", str(code)) for code in refused.values()]
+        # Identical refusals in a row are one audit line with a count (transport/audit_log.py).
+        assert [(e["decision"], e["code"]) for e in denials] == [("deny", str(c)) for c in dict.fromkeys(refused.values())]
         assert all(set(e["what"]) == {"rpc"} for e in denials)  # the refused line itself is never logged
         last = runner.audit_entries()[-1]
         assert (last["decision"], last["who"], last["what"]) == (
-            "allow", "parent (control pipe)", {"rpc": "control", "command": "STOP", "model": "counter"}
+            "allow", "orchestrator (control socket)", {"rpc": "control", "command": "STOP", "model": "counter"}
         )
         await assert_refused(coordinators["counter"].call("count"), grpc.StatusCode.NOT_FOUND, ErrorCode.MODEL_UNKNOWN)
         assert (await coordinators["async-model"].call("echo", 1)).status == runner_pb2.CALL_STATUS_SUCCESS
+
+        assert runner.command(b"STATUS counter") == f"ERROR {ErrorCode.MODEL_UNKNOWN}"  # the node is NODE
+        answer = runner.command(f"STATUS {NODE}".encode()).split(" ", 4)
+        assert answer[:4] == ["OK", "STATUS", NODE, "test-deployment"]
+        assert set(json.loads(answer[4])) == {"async-model"}
+
+        runner.close_control()  # the orchestrator going away ends nothing: the runner serves on
+        await asyncio.sleep(0.2)
+        assert runner.proc.poll() is None
+        assert (await coordinators["async-model"].call("echo", 2)).status == runner_pb2.CALL_STATUS_SUCCESS
         for coordinator in coordinators.values():
             await coordinator.close()
-
-        runner.proc.stdin.close()  # end of file: the parent is gone
-        assert runner.proc.wait(10) == 0
     finally:
         runner.stop()
 
@@ -246,7 +258,36 @@ async def test_a_model_stopped_mid_call_gets_no_new_worker_even_if_that_call_cra
         assert runner.command(b"STOP crasher") == "OK STOP crasher"  # once the call ended
         assert (await call).error.code == ErrorCode.WORKER_CRASHED
         await asyncio.sleep(1.0)  # a restart scheduled by the crash (no backoff for a first one) would be up
-        assert set(worker_pids(runner.proc.pid)) == {"counter"}
+        assert set(worker_pids(runner.proc.pid)) == {"steady"}
     finally:
         await coordinator.close()
         runner.stop()
+
+
+async def test_only_the_orchestrators_user_reaches_the_control_socket(layout, tmp_path):
+    """Boundary 5: the socket's directory is private, and the runner refuses to start with any other."""
+    private = pki.PkiLayout(shutil.copytree(layout.root, tmp_path / "pki"))
+    runner = RunnerProcess(private, "counter", None, control=True)
+    try:
+        assert oct(runner.control_socket.parent.stat().st_mode & 0o777) == "0o700"
+        probe = (  # another user on the host (a worker runs as one) tries to connect
+            "import os, socket\nos.setgid(65534); os.setuid(65534)\n"
+            f"try:\n    socket.socket(socket.AF_UNIX).connect({str(runner.control_socket)!r})\n"
+            "except PermissionError:\n    print('refused')\nelse:\n    print('connected')\n"
+        )
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+        assert done.stdout.strip() == "refused", done
+        assert runner.command(b"STOP counter") == "OK STOP counter"  # its own user still can
+    finally:
+        runner.stop()
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    pki.issue_runner_certificate(private, "counter")
+    refused = subprocess.run(
+        [sys.executable, "-m", "secure_runner.cli", "runner", "--crunch", CRUNCH, "--model", f"counter={COUNTER}",
+         "--pki", str(private.root), "--audit-log", str(tmp_path / "a.jsonl"), "--control-socket", str(shared / "c.sock")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert refused.returncode == 2 and f"must be a directory of uid {os.geteuid()}, mode 0700" in refused.stderr
+    assert not (shared / "c.sock").exists()

@@ -15,7 +15,6 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -34,9 +33,11 @@ from secure_runner.pki import (
     main,
     make_test_pki,
     public_key_raw,
+    renew,
     write_certificate,
     write_private_key,
 )
+from secure_runner.provisioning.certs import verify_leaf
 from secure_runner.smp.identity import PeerIdentity, Role, validate_id
 from secure_runner.smp.registry import Registry
 
@@ -136,7 +137,7 @@ def test_key_id_is_a_valid_id() -> None:
 
 def test_ca_certificate(layout: PkiLayout) -> None:
     ca = load_certificate(layout.ca_cert)
-    assert isinstance(ca.public_key(), Ed25519PublicKey)
+    assert isinstance(ca.public_key(), ec.EllipticCurvePublicKey) and isinstance(ca.public_key().curve, ec.SECP256R1)
     ca.verify_directly_issued_by(ca)
     constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints)
     assert constraints.critical and constraints.value.ca and constraints.value.path_length == 0
@@ -170,7 +171,9 @@ def _check_leaf(cert: x509.Certificate, ca: x509.Certificate, identity: PeerIden
     usage = cert.extensions.get_extension_for_class(x509.KeyUsage)
     assert usage.critical and usage.value.digital_signature and not usage.value.key_cert_sign
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    serves = identity.role in (Role.RUNNER, Role.ORCHESTRATOR)  # coordinators and operators only connect
+    assert set(eku) == {ExtendedKeyUsageOID.CLIENT_AUTH} | ({ExtendedKeyUsageOID.SERVER_AUTH} if serves else set())
+    verify_leaf(cert, ca, identity)  # RFC 5280 path validation: chain, dates, EKU, DNS SAN, exact SPIFFE id
     aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
     ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     assert aki.key_identifier == ski.digest
@@ -204,6 +207,18 @@ def test_leaf_never_outlives_its_ca() -> None:
     with pytest.raises(ConfigError) as err:  # key does not match the certificate
         issue_certificate(other_ca, ca_key, PeerIdentity.make(CRUNCH, Role.RUNNER, "m1"))
     assert err.value.code == ErrorCode.PKI_INVALID
+
+
+def test_renew_reads_no_leaf_private_key(tmp_path: Path) -> None:
+    """The CA renews from the certificate's public key (K-2): a leaf key it cannot read changes nothing."""
+    layout = make_test_pki(tmp_path / "out", CRUNCH, [ModelSpec("m1")])
+    old = load_certificate(layout.runner_cert("m1"))
+    layout.runner_key("m1").write_bytes(b"not a key the CA could load")
+    renew(layout, days=2)
+    new = load_certificate(layout.runner_cert("m1"))
+    assert new.serial_number != old.serial_number and new.public_key() == old.public_key()
+    assert layout.runner_key("m1").read_bytes() == b"not a key the CA could load"  # untouched
+    verify_leaf(new, load_certificate(layout.ca_cert), PeerIdentity.make(CRUNCH, Role.RUNNER, "m1"))
 
 
 def test_issue_runner_certificate(tmp_path: Path) -> None:

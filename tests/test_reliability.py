@@ -24,7 +24,7 @@ from secure_runner import pki
 from secure_runner.client.remote_model import ModelState
 from secure_runner.client.results import CallStatus, Fault
 from secure_runner.errors import ErrorCode, RequestError
-from secure_runner.orchestrator.local import sign_delegation
+from secure_runner.orchestrator.credentials import sign_delegation
 from secure_runner.orchestrator.service import ModelBoard, OrchestratorServer
 from secure_runner.v1 import orchestrator_pb2
 from secure_runner.v1.values_pb2 import Argument, KwArgument, Variant, VariantType
@@ -341,13 +341,13 @@ async def test_stale_deployment_events_are_ignored(board_orchestrator):
         assert await after(announce("counter-2")) == ("counter-2", CallStatus.SUCCESS, "")  # replaced
         assert await after(announce("counter-1")) == ("counter-2", CallStatus.SUCCESS, "")  # stale: ignored
         assert await after(announce("counter-1", STOPPED)) == ("counter-2", CallStatus.SUCCESS, "")  # stale
-        unavailable = (CallStatus.FAILURE, ErrorCode.MODEL_UNAVAILABLE)
-        # The current deployment recovering is not called, and may come back as itself.
-        assert await after(announce("counter-2", RECOVERING)) == ("counter-2", *unavailable)
+        recovering, starting = (CallStatus.FAILURE, ErrorCode.MODEL_RECOVERING), (CallStatus.FAILURE, ErrorCode.MODEL_STARTING)
+        # The current deployment recovering is not called (down, not gone), and may come back as itself.
+        assert await after(announce("counter-2", RECOVERING)) == ("counter-2", *recovering)
         assert await after(announce("counter-2")) == ("counter-2", CallStatus.SUCCESS, "")
         # A new deployment starting ends the old one for good.
-        assert await after(announce("counter-3", STARTING)) == ("counter-3", *unavailable)
-        assert await after(announce("counter-2")) == ("counter-3", *unavailable)  # stale: not reconnected
+        assert await after(announce("counter-3", STARTING)) == ("counter-3", *starting)
+        assert await after(announce("counter-2")) == ("counter-3", *starting)  # stale: not reconnected
         assert await after(announce("counter-3")) == ("counter-3", CallStatus.SUCCESS, "")
 
 
@@ -418,13 +418,20 @@ async def test_orchestrator_survives_a_runner_that_never_becomes_healthy(tmp_pat
         async with connected(layout, orchestrator.port) as client:  # the list is served; the other model too
             results = by_id(await client.call("echo", json_args(1), models=["steady", "broken"]))
             assert results["steady"].status is CallStatus.SUCCESS
-            assert results["broken"].reason == ErrorCode.MODEL_UNAVAILABLE
+            assert results["broken"].reason == ErrorCode.MODEL_RECOVERING
             link.symlink_to(COUNTER)  # fixed: the next restart works, and the client picks it up
             await eventually(lambda: "broken" in client.states, timeout=30, what="the recovered runner")
             assert await client.ready(10)
             results = by_id(await client.call("echo", json_args(2)))
             assert {m: r.status for m, r in results.items()} == {"steady": CallStatus.SUCCESS, "broken": CallStatus.SUCCESS}
         assert orchestrator.board.get("steady").state == RUNNING
+
+
+def _cmdline(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # gone meanwhile
+        return b""
 
 
 async def test_orchestrator_kills_and_retries_a_runner_that_is_not_ready_in_time(tmp_path):
@@ -437,7 +444,8 @@ async def test_orchestrator_kills_and_retries_a_runner_that_is_not_ready_in_time
     ) as orchestrator:
         await eventually(lambda: orchestrator.consecutive_failures("sluggish") >= 3, what="retries")
         assert orchestrator.board.get("sluggish").state == RECOVERING
-        assert orchestrator.runner_process("sluggish").returncode is not None  # killed and reaped, not left hanging
+        assert not [argv for argv in map(_cmdline, Path("/proc").glob("[0-9]*/cmdline"))  # killed and reaped
+                    if b"\0--node-id\0sluggish\0" in argv and str(tmp_path).encode() in argv]
         async with connected(layout, orchestrator.port, connect_timeout=1.0) as client:
             assert client.models == []  # the list is served, with nothing running in it
             orchestrator.settings = dataclasses.replace(orchestrator.settings, runner_start_timeout=30.0)

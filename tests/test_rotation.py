@@ -262,16 +262,18 @@ def _san_uris(cert: x509.Certificate) -> list[str]:
 def test_renew_keeps_ca_registry_and_identity_keys(
     layout: pki.PkiLayout, capsys: pytest.CaptureFixture, new_keys: bool
 ) -> None:
-    leaves = [layout.coordinator_cert, layout.orchestrator_cert, layout.runner_cert("m1"), layout.runner_cert("m2")]
-    keys = [layout.coordinator_key, layout.orchestrator_key, layout.runner_key("m1"), layout.runner_key("m2")]
-    kept = [layout.ca_cert, layout.ca_key, layout.registry, layout.coordinator_identity]
+    leaves = [layout.coordinator_cert, layout.operator_cert, layout.orchestrator_cert, layout.runner_cert("m1"),
+              layout.runner_cert("m2")]
+    keys = [layout.coordinator_key, layout.operator_key, layout.orchestrator_key, layout.runner_key("m1"),
+            layout.runner_key("m2")]
+    kept = [layout.ca_cert, layout.ca_key, layout.registry, layout.coordinator_identity, layout.operator_identity]
     kept += [layout.cruncher_identity(c) for c in ("alice", "bob")]
     before = {path: path.read_bytes() for path in leaves + keys + kept}
     old = {path: pki.load_certificate(path) for path in leaves}
 
     assert pki.main(["renew", str(layout.root), "--days", "2", *(["--new-keys"] if new_keys else [])]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("renewed 4 certificates")
+    assert printed.startswith("renewed 5 certificates")
 
     ca = pki.load_certificate(layout.ca_cert)
     for path in kept:

@@ -13,8 +13,11 @@ such a skip is a failure (see `require`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import signal
+import site
 import socket
 import stat
 import subprocess
@@ -28,9 +31,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from secure_runner import codec
 from secure_runner.errors import ErrorCode
+from secure_runner.runner.sandbox import cgroups
 from secure_runner.v1 import runner_pb2
 
-from conftest import MODELS, RawCoordinator, RunnerProcess, write_submission
+from conftest import BASE_PATH, MODELS, RawCoordinator, RunnerProcess, write_submission
 
 OK = runner_pb2.CALL_STATUS_SUCCESS
 FAILURE = runner_pb2.CALL_STATUS_FAILURE
@@ -148,21 +152,103 @@ async def test_abstract_unix_socket_of_the_host_is_unreachable(layout, default_r
     await client.close()
 
 
+async def test_pathname_unix_sockets_in_a_bound_tree_are_unreachable(layout, default_runner):
+    """A world-writable host socket inside the read-only base-class tree: no connect, no datagram."""
+    stream_path, datagram_path = (BASE_PATH / f"host-{kind}-{uuid.uuid4().hex[:8]}.sock" for kind in ("s", "d"))
+    stream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    datagram = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        stream.bind(str(stream_path))
+        stream.listen()
+        datagram.bind(str(datagram_path))
+        for sock, path in ((stream, stream_path), (datagram, datagram_path)):
+            sock.setblocking(False)
+            path.chmod(0o777)
+        client = await _client(layout, default_runner)
+        _stopped(await _report(client, "unix_path", str(stream_path)), "PermissionError")
+        for kind in ("SOCK_DGRAM", "SOCK_RAW"):
+            _stopped(await _report(client, "unix_path_datagram", str(datagram_path), kind), "PermissionError")
+        with pytest.raises(BlockingIOError):
+            stream.accept()  # nothing reached the host's listener
+        with pytest.raises(BlockingIOError):
+            datagram.recv(100)
+        await _still_serves(client)
+        await client.close()
+    finally:
+        for sock, path in ((stream, stream_path), (datagram, datagram_path)):
+            sock.close()
+            path.unlink(missing_ok=True)
+
+
+async def test_inotify_on_the_shared_trees_is_refused(layout, default_runner):
+    client = await _client(layout, default_runner)
+    _stopped(await _report(client, "inotify"), "PermissionError")  # EPERM from seccomp
+    await _still_serves(client)
+    await client.close()
+
+
+async def test_the_worker_sees_no_process_outside_its_pid_namespace(layout, default_runner):
+    client = await _client(layout, default_runner)
+    seen = (await _report(client, "pid_view", default_runner.proc.pid))["done"]
+    assert seen["ppid"] == 0, seen  # its parent lives outside its PID namespace
+    assert seen["signal_runner"] == "ProcessLookupError", seen
+    assert seen["pidfd_runner"] in ("ProcessLookupError", "PermissionError"), seen
+    assert seen["visible_pids"] == 1, seen  # only itself
+    await _still_serves(client)
+    await client.close()
+
+
+async def test_proc_shows_neither_host_mounts_nor_host_load(layout, default_runner):
+    mount_files = ("/proc/self/mountinfo", "/proc/self/mounts", "/proc/mounts", "/proc/thread-self/mountinfo",
+                   "/proc/self/mountstats")
+    load_files = ("/proc/stat", "/proc/loadavg", "/proc/uptime", "/proc/meminfo")
+    client = await _client(layout, default_runner)
+    seen = (await _report(client, "proc_files", *mount_files, *load_files))["done"]
+    assert all(seen[path] == "PermissionError" for path in mount_files), seen
+    assert seen["/proc/loadavg"].startswith("0.00 0.00 0.00 "), seen
+    assert seen["/proc/uptime"] == "0.00 0.00\n", seen
+    cpu_lines = [line for line in seen["/proc/stat"].splitlines() if line.startswith("cpu")]
+    assert len(cpu_lines) == os.cpu_count() + 1, seen  # CPU counting still works
+    assert all(set(line.split()[1:]) == {"0"} for line in cpu_lines), seen  # no host counters
+    assert "btime 0" in seen["/proc/stat"], seen
+    meminfo = {line.split(":")[0]: line.split()[1] for line in seen["/proc/meminfo"].splitlines()}
+    assert meminfo["MemTotal"] == meminfo["MemAvailable"] == str(2 << 20), seen  # its own 2 GiB limit, in kB
+    await _still_serves(client)
+    await client.close()
+
+
+async def test_global_site_packages_of_the_base_interpreter_are_not_visible(layout, default_runner):
+    in_use = {Path(p).resolve() for p in sys.path if p}
+    candidates = [Path(p) for p in site.getsitepackages([sys.base_prefix]) if Path(p).is_dir()]
+    candidates = [p for p in candidates if p.resolve() not in in_use]
+    require(bool(candidates), "the base interpreter has no global site-packages outside this environment")
+    global_dir = candidates[0]
+    planted = global_dir / f"planted-{uuid.uuid4().hex[:8]}.pem"
+    planted.write_text("-----BEGIN PRIVATE KEY-----\n")
+    planted.chmod(0o644)
+    try:
+        client = await _client(layout, default_runner)
+        _stopped(await _report(client, "read", str(planted)), "FileNotFoundError")
+        assert planted.name not in (await _report(client, "listdir", str(global_dir))).get("done", []), global_dir
+        await _still_serves(client)
+        await client.close()
+    finally:
+        planted.unlink()
+
+
 @pytest.mark.parametrize(
     "target",
-    ["/etc/shadow", "runner TLS key", "another submission", "parent environ", "/root/.bash_history", "/proc/1/environ"],
+    ["/etc/shadow", "runner TLS key", "another submission", "runner environ", "/root/.bash_history", "/proc/1/environ"],
 )
 async def test_reading_outside_the_allowlist_fails(layout, default_runner, target):
     client = await _client(layout, default_runner)
-    if target == "parent environ":
-        report = await _report(client, "parent_environ")
-    else:
-        path = {
-            "runner TLS key": str(layout.runner_key(MODEL)),
-            "another submission": str(MODELS / "submissions" / "async-model" / "main.py"),
-        }.get(target, target)
-        assert Path(path).exists() or target.startswith("/root"), path  # the host has it; the worker must not
-        report = await _report(client, "read", path)
+    path = {
+        "runner TLS key": str(layout.runner_key(MODEL)),
+        "another submission": str(MODELS / "submissions" / "async-model" / "main.py"),
+        "runner environ": f"/proc/{default_runner.proc.pid}/environ",
+    }.get(target, target)
+    assert Path(path).exists() or target.startswith("/root"), path  # the host has it; the worker must not
+    report = await _report(client, "read", path)
     _stopped(report, "FileNotFoundError", "PermissionError")
     await _still_serves(client)
     await client.close()
@@ -194,8 +280,10 @@ async def test_setuid_binary_gives_no_privilege(layout, default_runner, attacker
 
 async def test_signalling_or_tracing_the_runner_fails(layout, default_runner):
     client = await _client(layout, default_runner)
-    _stopped(await _report(client, "signal_parent"), "PermissionError")
-    _stopped(await _report(client, "ptrace_parent"), "PermissionError")
+    runner_pid = default_runner.proc.pid
+    # The runner's pid names no process in the worker's PID namespace; ptrace is refused by seccomp.
+    _stopped(await _report(client, "signal_runner", runner_pid), "ProcessLookupError")
+    _stopped(await _report(client, "ptrace_runner", runner_pid), "PermissionError")
     assert default_runner.proc.poll() is None  # the runner lives on
     await _still_serves(client)
     await client.close()
@@ -247,6 +335,51 @@ async def test_fork_bomb_hits_the_pids_limit(layout, tight_runner):
     assert done["last"].startswith("BlockingIOError"), done
     await _still_serves(client)
     await client.close()
+
+
+def _worker_pids(runner: RunnerProcess) -> list[int]:
+    """Host pids in the runner's worker cgroups (the waiter and the worker inside its PID namespace)."""
+    pids = []
+    for hierarchy in cgroups.hierarchies():
+        for procs in hierarchy.own.glob(f"{cgroups.RUNNER_DIR_PREFIX}{runner.proc.pid}/*/cgroup.procs"):
+            pids += [int(pid) for pid in procs.read_text().split()]
+    return sorted(set(pids))
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
+async def test_a_busy_worker_dies_with_its_runner(layout, fresh_runner, attacker):
+    """SIGKILL the runner while its model spins: the worker must not live on (its parent-death
+    signal survives the uid drop, and the waiter outside its PID namespace passes it on)."""
+    runner = fresh_runner(MODEL, attacker)
+    client = await _client(layout, runner)
+    spinning = asyncio.create_task(_probe(client, "spin_ignoring_sigxcpu", timeout=60))
+    pids: list[int] = []
+    try:
+        for _ in range(200):
+            pids = _worker_pids(runner)
+            if any(_state(pid) == "R" for pid in pids):
+                break
+            await asyncio.sleep(0.025)
+        assert any(_state(pid) == "R" for pid in pids), pids
+        runner.proc.kill()
+        runner.proc.wait()
+        for _ in range(40):  # at once (parent-death signals), not at some later cleanup
+            if all(_state(pid) in ("gone", "Z") for pid in pids):
+                break
+            await asyncio.sleep(0.05)
+        assert {pid: _state(pid) for pid in pids if _state(pid) not in ("gone", "Z")} == {}
+    finally:
+        spinning.cancel()
+        await client.close()
+        for pid in pids:  # never leave a spinning process behind, whatever happened above
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 async def test_sleeping_forever_times_out_and_the_worker_is_replaced(layout, default_runner):
@@ -316,6 +449,11 @@ def test_sandbox_check_reports_every_layer_active(sandbox_available):
         "environment", "cgroup", "rlimits", "namespaces", "filesystem", "uid", "no_new_privs", "landlock", "seccomp",
     ]
     assert all("[active ]" in line and "[verified:" in line for line in lines), result.stdout
+    details = {line.split()[2]: line for line in lines}
+    assert "pid 1, no parent visible" in details["namespaces"], result.stdout
+    assert "host-wide files masked" in details["filesystem"] and "no global site-packages" in details["filesystem"]
+    assert "reading /proc/self/mountinfo are refused" in details["landlock"], result.stdout
+    assert "AF_UNIX sockets are refused, a stream socket pair works" in details["seccomp"], result.stdout
 
 
 def test_runner_refuses_to_start_without_a_required_layer(layout, fresh_runner, tmp_path, capfd, sandbox_available):

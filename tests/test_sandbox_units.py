@@ -143,6 +143,62 @@ def test_worker_cgroup_limits_memory_and_is_cleaned_up():
     cgroups.remove_runner_dirs()
 
 
+def test_worker_cgroups_get_equal_cpu_weights_and_their_quota():
+    """Each worker is its own CFS group with the same weight (fair between the workers of a node,
+    whatever threads each runs), and keeps its quota."""
+    require(os.geteuid() == 0, ROOT_ONLY)
+    groups = [cgroups.WorkerCgroup.create(f"unit-cpu-{n}", WorkerLimits(cpu_cores=0.5)) for n in range(2)]
+    files = {1: ("cpu.shares", "cpu.cfs_quota_us"), 2: ("cpu.weight", "cpu.max")}
+    try:
+        seen = [
+            (hierarchy.version, *((directory / name).read_text().split()[0] for name in files[hierarchy.version]))
+            for group in groups for hierarchy, directory in group.directories if "cpu" in hierarchy.controllers
+        ]
+        require(len(seen) == 2, "no cpu controller in a cgroup hierarchy of this process")
+        weight = {1: "1024", 2: "100"}[seen[0][0]]
+        assert seen == [(seen[0][0], weight, str(cgroups.CPU_PERIOD_US // 2))] * 2
+    finally:
+        for group in groups:
+            group.remove()
+        cgroups.remove_runner_dirs()
+
+
+PID_NAMESPACE_CHILD = r"""
+import ctypes, os, sys, time
+from secure_runner.runner.sandbox import namespaces
+namespaces.apply()
+print(f"{os.getpid()} {os.getppid()} {os.readlink('/proc/self')}", flush=True)  # the host's /proc: host pid
+end = time.process_time() + 0.3
+while time.process_time() < end:
+    pass
+if sys.argv[1] == "exit":
+    os._exit(7)
+if sys.argv[1] == "fault":
+    ctypes.string_at(0)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("ending", ["exit", "fault", "waiter killed"])
+def test_the_pid_namespace_waiter_ends_as_its_worker_does(ending):
+    """The runner sees one pid: it must end with the worker's exit code or signal, its CPU time
+    included, and a worker must not outlive it."""
+    require(os.geteuid() == 0, ROOT_ONLY)
+    child = subprocess.Popen([sys.executable, "-c", PID_NAMESPACE_CHILD, ending], stdout=subprocess.PIPE, text=True)
+    pid, parent, host_pid = child.stdout.readline().split()
+    assert (pid, parent) == ("1", "0")  # pid 1 of its namespace; the waiter is outside it
+    if ending == "waiter killed":
+        time.sleep(0.5)
+        child.kill()
+    _pid, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    expected = {"exit": 7, "fault": -signal.SIGSEGV, "waiter killed": -signal.SIGKILL}[ending]
+    assert child.returncode == expected
+    if ending != "waiter killed":  # reaped by the waiter: its CPU time is in what wait4 tells the runner
+        assert usage.ru_utime + usage.ru_stime >= 0.25
+    assert _dead(int(host_pid))
+
+
 def test_policy_validates_layers_and_explains_refusals():
     with pytest.raises(ValueError, match="unknown sandbox layer"):
         SandboxPolicy(allow_missing=("firewall",))

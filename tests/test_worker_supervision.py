@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from secure_runner import codec
 from secure_runner.errors import ErrorCode
 from secure_runner.runner import ipc
+from secure_runner.runner.supervisor import MAX_CALL_ANSWER_BYTES
 from secure_runner.transport.status import TOKEN_KEY
 from secure_runner.v1 import runner_pb2, worker_pb2
 
@@ -237,13 +238,13 @@ async def test_forged_protocol_frames_from_model_code_are_refused(layout, fresh_
     client = RawCoordinator(layout, runner.address, "counter")
     assert (await client.setup()).status == OK
     setup_answer = worker_pb2.WorkerResponse(setup=runner_pb2.SetupResponse(status=OK))
-    forgeries = {
-        "over the cap": ipc.HEADER.pack(ipc.MAX_FRAME_BYTES + 1).hex(),
-        "wrong kind": ipc.encode_frame(setup_answer.SerializeToString()).hex(),
+    forgeries = {  # refused at the header, before the runner reads any of the answer
+        "over the answer cap": (ipc.HEADER.pack(MAX_CALL_ANSWER_BYTES + 1).hex(), ErrorCode.MODEL_OUTPUT_TOO_LARGE),
+        "wrong kind": (ipc.encode_frame(setup_answer.SerializeToString()).hex(), ErrorCode.WORKER_PROTOCOL),
     }
-    for what, forgery in forgeries.items():
+    for what, (forgery, code) in forgeries.items():
         response = await client.call("echo", forgery, timeout=30)
-        assert (response.status, response.error.code) == (FAILURE, ErrorCode.WORKER_PROTOCOL), what
+        assert (response.status, response.error.code) == (FAILURE, code), what
     await client.close()
 
 

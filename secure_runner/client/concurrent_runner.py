@@ -24,31 +24,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
+import inspect
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 
 import grpc
 
-from secure_runner import codec
+from secure_runner import allowlist, codec
 from secure_runner.client.fan_out import fan_out_request
 from secure_runner.client.node_channel import CALL_RPC, FANOUT_RPC, NodeChannels, channel_options
-from secure_runner.client.remote_model import ModelState, RemoteModel, backoff_delay
+from secure_runner.client.remote_model import IDENTITY_TIMEOUT_SECONDS, ModelState, RemoteModel, backoff_delay
 from secure_runner.client.results import CallResult, CallStatus, ModelIdentity
-from secure_runner.client.security import CallSigner, CoordinatorSecurity
-from secure_runner.errors import CodecError, ConfigError, ErrorCode, RequestError
+from secure_runner.client.security import BACKDATE_SECONDS, CallSigner, CoordinatorSecurity
+from secure_runner.errors import AuthError, CodecError, ConfigError, ErrorCode, RequestError
 from secure_runner.smp.identity import PeerIdentity, Role, validate_id
-from secure_runner.smp.token import MAX_AUDIENCE, model_id_field
+from secure_runner.smp.registry import ModelEntry
+from secure_runner.smp.token import MAX_AUDIENCE, MAX_DESTINATIONS, model_id_field
 from secure_runner.transport import tls
 from secure_runner.transport.registry_file import RegistryFile
-from secure_runner.transport.status import TOKEN_KEY
-from secure_runner.v1 import orchestrator_pb2, orchestrator_pb2_grpc, runner_pb2, values_pb2
+from secure_runner.transport.status import TOKEN_KEY, reason_of
+from secure_runner.v1 import orchestrator_pb2, runner_pb2, values_pb2
 
 log = logging.getLogger(__name__)
 
 ORCHESTRATOR_ID = "orchestrator"
 REPORT_RPC = "/secure_runner.v1.Orchestrator/ReportFailure"
+WATCH_RPC = "/secure_runner.v1.Orchestrator/WatchModels"
 # Delays before reopening the model-list stream and before resending a failure report (the last repeats).
 RESYNC_BACKOFF_SECONDS = (0.25, 0.5, 1.0, 2.0, 5.0)
 REPORT_TIMEOUT_SECONDS = 5.0
@@ -56,11 +61,23 @@ CLOSE_GRACE_SECONDS = 5.0
 READY_POLL_SECONDS = 0.01
 IDENTITY_THREADS = 32  # identity checks block a thread each (TLS handshake), up to their own timeout
 RETIRED_PER_MODEL = 16  # deployments remembered per model id, to recognize stale news about them
+# Listed but down (not gone): every call targeting these gets a MODEL_STARTING / MODEL_RECOVERING result.
+DOWN_STATES = {orchestrator_pb2.MODEL_STATE_STARTING: "STARTING", orchestrator_pb2.MODEL_STATE_RECOVERING: "RECOVERING"}
 # Room left in a request for the model id field and protobuf framing.
 MAX_SHARED_REQUEST_BYTES = tls.MAX_MESSAGE_BYTES - 1024
 
 Arguments = Sequence[values_pb2.Argument] | Callable[[ModelIdentity], Sequence[values_pb2.Argument]] | None
 KwArguments = Sequence[values_pb2.KwArgument] | Callable[[ModelIdentity], Sequence[values_pb2.KwArgument]] | None
+
+
+def _importable_base_methods(base_classname: str) -> frozenset[str] | None:
+    """The methods `base_classname` declares, if this (the coordinator's) process can import it."""
+    module_name, _, class_name = base_classname.rpartition(".")
+    try:
+        base = getattr(importlib.import_module(module_name), class_name)
+    except Exception:  # noqa: BLE001 - not importable here: runners' reports, narrowed, stand in
+        return None
+    return allowlist.declared_methods(base) if inspect.isclass(base) else None
 
 
 def encode_call(method: str, arguments, kwargs) -> bytes:
@@ -72,7 +89,7 @@ def encode_call(method: str, arguments, kwargs) -> bytes:
             ErrorCode.INVALID_ARGUMENTS, f"arguments must be Argument and KwArgument messages: {exc}"
         ) from None
     try:
-        codec.decode_arguments(request.arguments, request.kwargs)
+        codec.check_arguments(request.arguments, request.kwargs)  # values encode_data made are not decoded again
     except CodecError as exc:
         raise RequestError(exc.code, exc.message) from None
     shared = request.SerializeToString()
@@ -117,12 +134,18 @@ class DynamicSubclassModelConcurrentRunner:
         self._listed: dict[str, ModelIdentity] = {}  # the last identity the orchestrator gave each model id
         self._retired: dict[str, deque[str]] = {}  # deployments replaced or stopped: news of them is stale
         self._disconnected: dict[str, str] = {}  # model id -> why the limits dropped its last deployment
-        self._declared: frozenset[str] | None = None  # the base class's methods, as runners reported them
+        self._down: dict[str, orchestrator_pb2.ModelInfo] = {}  # listed STARTING or RECOVERING: in every result
+        # The base class's methods: from the class itself when this process can import it, else what
+        # runners report, narrowed by each report and never widened (allowlist.narrowed).
+        self._declared: frozenset[str] | None = _importable_base_methods(base_classname)
+        self._declared_locally = self._declared is not None
         self._reports: dict[tuple[str, str], asyncio.Task] = {}
         self._closing: set[asyncio.Task] = set()
         self._identity_executor = ThreadPoolExecutor(IDENTITY_THREADS, thread_name_prefix="sr-identity")
         self._nodes = NodeChannels(self.crunch_id, security)
         self._channel: grpc.aio.Channel | None = None
+        self._channel_cert_sha256 = ""  # of the certificate the orchestrator channel presents
+        self._orchestrator_name = PeerIdentity.make(self.crunch_id, Role.ORCHESTRATOR, ORCHESTRATOR_ID).tls_server_name
         self._stream = None
         self._updates = 0
 
@@ -130,15 +153,39 @@ class DynamicSubclassModelConcurrentRunner:
 
     def _orchestrator_channel(self) -> grpc.aio.Channel:
         if self._channel is None:
-            server_name = PeerIdentity.make(self.crunch_id, Role.ORCHESTRATOR, ORCHESTRATOR_ID).tls_server_name
+            credentials, self._channel_cert_sha256 = tls.client_credentials(self._security.tls)
             self._channel = grpc.aio.secure_channel(
-                self._address, tls.channel_credentials(self._security.tls), options=channel_options(server_name)
+                self._address, credentials, options=channel_options(self._orchestrator_name)
             )
         return self._channel
 
-    def _open_stream(self):
-        stub = orchestrator_pb2_grpc.OrchestratorStub(self._orchestrator_channel())
-        return stub.WatchModels(orchestrator_pb2.WatchModelsRequest(crunch_id=self.crunch_id), wait_for_ready=True)
+    async def _orchestrator_destination(self) -> str:
+        """SHA-256 of the TLS key the orchestrator presents (its tokens' `dst`), from a handshake of our own."""
+        host, _, port = self._address.rpartition(":")
+        try:
+            der = await asyncio.get_running_loop().run_in_executor(
+                self._identity_executor, tls.fetch_server_certificate,
+                host, int(port), self._security.tls, self._orchestrator_name, IDENTITY_TIMEOUT_SECONDS,
+            )
+        except ValueError:
+            raise RequestError(ErrorCode.UNREACHABLE, f"bad orchestrator address {self._address!r}") from None
+        return tls.spki_sha256(der)
+
+    def _orchestrator_token(self, rpc: str, audience: str, shared: bytes, destination: str) -> bytes:
+        self._orchestrator_channel()  # the token binds the certificate of the channel that carries it
+        return self._signer.sign(
+            audience=[audience], destinations=[destination], cert_sha256=self._channel_cert_sha256,
+            rpc=rpc, method="", shared_body=shared,
+        )
+
+    async def _open_stream(self):
+        """Open the model-list stream: like every coordinator call, signed (SMP-1..14) for this orchestrator."""
+        token = self._orchestrator_token(WATCH_RPC, self.crunch_id, b"", await self._orchestrator_destination())
+        watch = self._orchestrator_channel().unary_stream(
+            WATCH_RPC, response_deserializer=orchestrator_pb2.ModelList.FromString
+        )
+        # WatchModelsRequest(crunch_id) is exactly its field 1: the signed form with nothing after it.
+        return watch(model_id_field(self.crunch_id), metadata=((TOKEN_KEY, token),), wait_for_ready=True)
 
     async def init(self) -> None:
         """Fetch the model list and connect to every model, returning within `connect_timeout`.
@@ -150,13 +197,16 @@ class DynamicSubclassModelConcurrentRunner:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._connect_timeout
-        self._stream = self._open_stream()
         try:
-            snapshot = await asyncio.wait_for(self._stream.read(), self._connect_timeout)
-        except (TimeoutError, grpc.aio.AioRpcError) as exc:
-            self._stream.cancel()
+            snapshot = await asyncio.wait_for(self._first_snapshot(deadline), self._connect_timeout)
+        except (TimeoutError, grpc.aio.AioRpcError, RequestError, AuthError, ConfigError) as exc:
+            if self._stream is not None:
+                self._stream.cancel()
             self._stream = None
-            why = "timed out" if isinstance(exc, TimeoutError) else exc.code().name
+            why = (
+                "timed out" if isinstance(exc, TimeoutError)
+                else exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            )
             raise RequestError(
                 ErrorCode.UNREACHABLE, f"no model list from the orchestrator at {self._address} ({why})"
             ) from None
@@ -166,6 +216,22 @@ class DynamicSubclassModelConcurrentRunner:
         self._apply(snapshot)
         while loop.time() < deadline and any(m.attempts == 0 for m in self._models.values()):
             await asyncio.sleep(READY_POLL_SECONDS)
+
+    async def _first_snapshot(self, deadline: float) -> orchestrator_pb2.ModelList:
+        """Open the model-list stream and read its first snapshot, retrying until `deadline` while
+        the orchestrator cannot be reached yet or started less than BACKDATE_SECONDS ago."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                self._stream = await self._open_stream()
+                return await self._stream.read()
+            except (RequestError, grpc.aio.AioRpcError) as exc:
+                just_started = isinstance(exc, grpc.aio.AioRpcError) and (
+                    reason_of(exc) == ErrorCode.TOKEN_ISSUED_BEFORE_START
+                )
+                if not (just_started or isinstance(exc, RequestError)) or loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(BACKDATE_SECONDS if just_started else READY_POLL_SECONDS * 10)
 
     async def ready(self, timeout: float, models: Iterable[str] | None = None) -> bool:
         """Wait at most `timeout` s until no targeted model is connecting, reconnecting or cooling down.
@@ -191,7 +257,7 @@ class DynamicSubclassModelConcurrentRunner:
         while True:
             try:
                 if self._stream is None:
-                    self._stream = self._open_stream()
+                    self._stream = await self._open_stream()
                 # read(), not `async for`: init() already read from this stream, and
                 # grpc.aio forbids mixing the two styles on one call.
                 while (snapshot := await self._stream.read()) is not grpc.aio.EOF:
@@ -199,12 +265,15 @@ class DynamicSubclassModelConcurrentRunner:
                     self._apply(snapshot)
                 lost = "stream ended"
             except grpc.aio.AioRpcError as exc:
-                lost = exc.code().name
+                lost = reason_of(exc) or exc.code().name
+            except (RequestError, AuthError, ConfigError) as exc:  # the orchestrator's identity check
+                lost = str(exc)
             delay = backoff_delay(RESYNC_BACKOFF_SECONDS, failures)
             failures += 1
             log.warning("model list stream lost (%s); keeping %d known models, retrying in %.2f s",
                         lost, len(self._models), delay)
-            self._stream.cancel()
+            if self._stream is not None:
+                self._stream.cancel()
             self._stream = None
             await asyncio.sleep(delay)
 
@@ -239,11 +308,17 @@ class DynamicSubclassModelConcurrentRunner:
             # Gone, stopped or replaced: that deployment is over. Starting or recovering: it may come back.
             over = info is None or info.deployment_id != model.identity.deployment_id
             self._forget(model_id, retire=over or info.state == orchestrator_pb2.MODEL_STATE_STOPPED)
+        registry = self._registry.current().registry
+        for model_id in set(self._down) - stale:  # down is not gone: kept until news of that model says otherwise
+            if current.get(model_id) is None or current[model_id].state not in DOWN_STATES:
+                del self._down[model_id]
         for model_id, info in current.items():
-            identity = _identity(info)
+            identity = _identity(info, registry.model(self.crunch_id, info.model_id))
             if identity is None:
                 continue
             self._listed[model_id] = identity
+            if info.state in DOWN_STATES:
+                self._down[model_id] = info
             if info.state == orchestrator_pb2.MODEL_STATE_RUNNING and model_id not in self._models:
                 self._connect(identity, info)
 
@@ -299,7 +374,9 @@ class DynamicSubclassModelConcurrentRunner:
 
         `arguments` and `kwargs` are the call's Argument / KwArgument messages, or a
         callable that returns them for a given ModelIdentity (per-model arguments).
-        An id in `models` that is not running gets a MODEL_UNAVAILABLE result; an
+        An id in `models` that is not running gets a MODEL_UNAVAILABLE result; a model
+        the orchestrator lists as STARTING or RECOVERING gets MODEL_STARTING or
+        MODEL_RECOVERING in every call that targets it (all calls without `models`); an
         empty `models` targets nothing. Raises RequestError at once, sending nothing
         and blaming no model, for a method the base class does not declare or
         arguments that cannot be encoded.
@@ -325,13 +402,28 @@ class DynamicSubclassModelConcurrentRunner:
         return answer
 
     def _targets(self, models: Iterable[str] | None) -> tuple[list[RemoteModel], list[CallResult]]:
+        """The connected models targeted, and a result now for each targeted one that is not connected.
+
+        Every call targets the models the orchestrator lists as STARTING or RECOVERING: each
+        gets an infrastructure FAILURE saying which, since when and why (down is not gone).
+        """
         if models is None:
-            return list(self._models.values()), []
+            return list(self._models.values()), [self._unavailable(m) for m in self._down if m not in self._models]
         wanted = list(dict.fromkeys(_ids(models)))
         targets = [self._models[model_id] for model_id in wanted if model_id in self._models]
         return targets, [self._unavailable(model_id) for model_id in wanted if model_id not in self._models]
 
+    @property
+    def down(self) -> dict[str, str]:
+        """Models the orchestrator lists as STARTING or RECOVERING and not connected: id -> state."""
+        return {m: DOWN_STATES[info.state] for m, info in self._down.items() if m not in self._models}
+
     def _unavailable(self, model_id: str) -> CallResult:
+        if (info := self._down.get(model_id)) is not None and model_id not in self._disconnected:
+            since = datetime.fromtimestamp(info.state_since_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            why = f"{DOWN_STATES[info.state]} since {since}" + (f": {info.state_reason}" if info.state_reason else "")
+            reason = ErrorCode.MODEL_STARTING if info.state == orchestrator_pb2.MODEL_STATE_STARTING else ErrorCode.MODEL_RECOVERING
+            return CallResult(self._listed[model_id], CallStatus.FAILURE, reason=reason, message=why[:300])
         identity = self._listed.get(model_id) or ModelIdentity(model_id, "", "", "", "")
         why = self._disconnected.get(model_id) or (
             "not running now" if model_id in self._listed else "not in the orchestrator's model list"
@@ -341,11 +433,11 @@ class DynamicSubclassModelConcurrentRunner:
     def _check_method(self, method: str) -> None:
         if not isinstance(method, str) or not method:
             raise RequestError(ErrorCode.METHOD_NOT_ALLOWED, f"method must be a non-empty name, got {method!r}")
-        for model in self._models.values():
-            if model.methods:
-                self._declared = model.methods
-                break
-        if self._declared is not None and method not in self._declared:
+        if not self._declared_locally:
+            for model in self._models.values():
+                if model.methods:
+                    self._declared = allowlist.narrowed(self._declared, model.methods)
+        if not allowlist.is_callable_name(method) or self._declared is not None and method not in self._declared:
             raise RequestError(ErrorCode.METHOD_NOT_ALLOWED, f"{method!r} is not a method of {self.base_classname}")
 
     def _requests(
@@ -390,8 +482,10 @@ class DynamicSubclassModelConcurrentRunner:
                 chunk = group[start : start + MAX_AUDIENCE]
                 request = fan_out_request([(m.model_id, requests[m]) for m in chunk], method, parsed)
                 shared = request.SerializeToString()
+                node = chunk[0].node
                 token = self._signer.sign(
-                    audience=[m.model_id for m in chunk], rpc=FANOUT_RPC, method=method, shared_body=shared
+                    audience=[m.model_id for m in chunk], destinations=[node.destination],
+                    cert_sha256=node.cert_sha256, rpc=FANOUT_RPC, method=method, shared_body=shared,
                 )
                 prepared.append((chunk, (model_id_field(node_id) + shared, token)))
         flights = {}
@@ -405,16 +499,22 @@ class DynamicSubclassModelConcurrentRunner:
         return [flights[model] for model in ready]
 
     def _sign(self, method: str, models: list[RemoteModel], requests: dict[RemoteModel, bytes]) -> dict:
-        """One token per distinct request body and MAX_AUDIENCE models, not one per model."""
-        groups: dict[bytes, list[RemoteModel]] = {}
+        """One token per distinct request body, channel certificate and MAX_DESTINATIONS models, not one per model.
+
+        Each token names the runners of its models (`dst`), so none of them can be
+        replayed to another runner hosting one of those model ids.
+        """
+        groups: dict[tuple[bytes, str], list[RemoteModel]] = {}
         for model in models:
-            groups.setdefault(requests[model], []).append(model)
+            groups.setdefault((requests[model], model.node.cert_sha256), []).append(model)
         tokens: dict[RemoteModel, bytes] = {}
-        for shared, group in groups.items():
-            for start in range(0, len(group), MAX_AUDIENCE):
-                chunk = group[start : start + MAX_AUDIENCE]
+        per_token = min(MAX_AUDIENCE, MAX_DESTINATIONS)
+        for (shared, cert_sha256), group in groups.items():
+            for start in range(0, len(group), per_token):
+                chunk = group[start : start + per_token]
                 token = self._signer.sign(
-                    audience=[m.model_id for m in chunk], rpc=CALL_RPC, method=method, shared_body=shared
+                    audience=[m.model_id for m in chunk], destinations=[m.node.destination for m in chunk],
+                    cert_sha256=cert_sha256, rpc=CALL_RPC, method=method, shared_body=shared,
                 )
                 tokens.update(dict.fromkeys(chunk, token))
         return tokens
@@ -466,19 +566,21 @@ class DynamicSubclassModelConcurrentRunner:
         )
         attempt = 0
         while True:
-            token = self._signer.sign(audience=[model.model_id], rpc=REPORT_RPC, method="", shared_body=shared)
             try:
+                destination = await self._orchestrator_destination()
+                token = self._orchestrator_token(REPORT_RPC, model.model_id, shared, destination)
                 ack = await report(
                     model_id_field(model.model_id) + shared,
                     metadata=((TOKEN_KEY, token),),
                     timeout=REPORT_TIMEOUT_SECONDS,
                     wait_for_ready=True,
                 )
-            except grpc.aio.AioRpcError as exc:
+            except (grpc.aio.AioRpcError, RequestError, AuthError, ConfigError) as exc:
                 delay = backoff_delay(RESYNC_BACKOFF_SECONDS, attempt)
                 attempt += 1
+                why = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else exc.code
                 log.warning("failure report for %s not delivered (%s); retrying in %.2f s",
-                            model.model_id, exc.code().name, delay)
+                            model.model_id, why, delay)
                 await asyncio.sleep(delay)
                 continue
             log.info("failure report for %s delivered; stopped=%s", model.model_id, ack.stopped)
@@ -507,10 +609,23 @@ def _ids(models: Iterable[str]) -> Iterable[str]:
     return models
 
 
-def _identity(info: orchestrator_pb2.ModelInfo) -> ModelIdentity | None:
+def _identity(info: orchestrator_pb2.ModelInfo, registered: ModelEntry | None) -> ModelIdentity | None:
+    """Who a listed model is: its names from the coordinator's registry, never from the orchestrator's feed.
+
+    The feed says only where a model runs and which deployment it is; a model the
+    registry does not know gets empty names (and fails its identity check, SMP-31).
+    """
     try:
         model_id = validate_id(info.model_id, "model id")
     except ConfigError as exc:
         log.warning("ignoring model with invalid id: %s", exc)
         return None
-    return ModelIdentity(model_id, info.model_name, info.cruncher_id, info.cruncher_name, info.deployment_id)
+    if registered is None:
+        return ModelIdentity(model_id, "", "", "", info.deployment_id)
+    if (info.model_name, info.cruncher_id, info.cruncher_name) != (
+        registered.model_name, registered.cruncher_id, registered.cruncher_name
+    ):
+        log.warning("the orchestrator's names for model %s differ from the registry's; using the registry's", model_id)
+    return ModelIdentity(
+        model_id, registered.model_name, registered.cruncher_id, registered.cruncher_name, info.deployment_id
+    )

@@ -6,6 +6,10 @@ stays open while any of the node's models is known to the client, so
 forgetting one model (stopped, replaced, over its limits) never cancels a call
 or fan-out in flight for the node's other models; it closes when the last one
 leaves.
+
+Each channel keeps what tokens sent on it must bind: `cert_sha256`, the
+certificate it was opened with (the files may be renewed since), and
+`destination`, the TLS key of the runner as its identity check saw it (SMP-35).
 """
 
 from __future__ import annotations
@@ -41,10 +45,14 @@ def channel_options(server_name: str) -> list[tuple[str, object]]:
 class NodeChannel:
     """The channel to one node and its method callables."""
 
-    def __init__(self, address: str, node_id: str, server_name: str, credentials: grpc.ChannelCredentials) -> None:
+    def __init__(
+        self, address: str, node_id: str, server_name: str, credentials: grpc.ChannelCredentials, cert_sha256: str
+    ) -> None:
         self.address = address
         self.node_id = node_id
         self.server_name = server_name
+        self.cert_sha256 = cert_sha256  # of the client certificate this channel presents
+        self.destination: str | None = None  # SHA-256 of the runner's TLS key, once its identity is verified
         self.channel = grpc.aio.secure_channel(address, credentials, options=channel_options(server_name))
         self.setup = self.channel.unary_unary(SETUP_RPC, response_deserializer=runner_pb2.SetupResponse.FromString)
         self.call = self.channel.unary_unary(CALL_RPC, response_deserializer=runner_pb2.CallResponse.FromString)
@@ -72,8 +80,8 @@ class NodeChannels:
         node = self._open.get((address, node_id))
         if node is None:
             server_name = PeerIdentity.make(self._crunch_id, Role.RUNNER, node_id).tls_server_name
-            credentials = tls.channel_credentials(self._security.tls)
-            node = self._open[address, node_id] = NodeChannel(address, node_id, server_name, credentials)
+            credentials, cert_sha256 = tls.client_credentials(self._security.tls)
+            node = self._open[address, node_id] = NodeChannel(address, node_id, server_name, credentials, cert_sha256)
         node.users += 1
         return node
 

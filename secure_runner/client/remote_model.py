@@ -41,10 +41,10 @@ from secure_runner.client.results import (
 )
 from secure_runner.client.fan_out import ModelFlight, NodeFlight, rpc_error
 from secure_runner.client.node_channel import SETUP_RPC, NodeChannel
-from secure_runner.client.security import CallSigner, CoordinatorSecurity
+from secure_runner.client.security import BACKDATE_SECONDS, CallSigner, CoordinatorSecurity
 from secure_runner.errors import AuthError, CodecError, ConfigError, ErrorCode, RequestError, SecureRunnerError
 from secure_runner.smp import rules
-from secure_runner.smp.registry import Registry
+from secure_runner.smp.registry import RegistrySnapshot
 from secure_runner.smp.token import model_id_field
 from secure_runner.transport import tls
 from secure_runner.transport.status import TOKEN_KEY, reason_of
@@ -63,8 +63,9 @@ _STATUS = {
     runner_pb2.CALL_STATUS_FAILURE: CallStatus.FAILURE,
     runner_pb2.CALL_STATUS_TIMEOUT: CallStatus.TIMEOUT,
 }
-# Refusals meaning the runner no longer has our Setup (it restarted in place): set up again.
-_SETUP_LOST = frozenset({ErrorCode.METHOD_NOT_ALLOWED, ErrorCode.MODEL_NOT_SET_UP})
+# Refusals meaning the runner no longer has our Setup (it restarted in place), or serves
+# another TLS key than the one checked (renewed with new keys): check it and set up again.
+_SETUP_LOST = frozenset({ErrorCode.METHOD_NOT_ALLOWED, ErrorCode.MODEL_NOT_SET_UP, ErrorCode.TOKEN_WRONG_DESTINATION})
 
 
 def backoff_delay(schedule: Sequence[float], attempt: int) -> float:
@@ -129,7 +130,7 @@ class RemoteModel:
         crunch_id: str,
         security: CoordinatorSecurity,
         signer: CallSigner,
-        registry: Callable[[], Registry],
+        registry: Callable[[], RegistrySnapshot],
         identity_executor: Executor | None = None,
     ) -> None:
         self.identity = identity
@@ -180,14 +181,16 @@ class RemoteModel:
             tls.fetch_server_certificate,
             host, int(port), self._security.tls, self.node.server_name, IDENTITY_TIMEOUT_SECONDS,
         )
+        presented = tls.spki_sha256(der)
         rules.verify_delegation(
             self._delegation,
             registry=self._registry(),
             crunch_id=self._crunch_id,
             model_id=self.model_id,
-            presented_spki_sha256=tls.spki_sha256(der),
+            presented_spki_sha256=presented,
             now=int(time.time()),
         )
+        self.node.destination = presented  # what tokens to this runner name in `dst`
 
     def connect(
         self,
@@ -242,14 +245,15 @@ class RemoteModel:
         shared = runner_pb2.SetupRequest(
             base_classname=base_classname, arguments=arguments, kwargs=kwargs
         ).SerializeToString()
-        token = self._signer.sign(audience=[self.model_id], rpc=SETUP_RPC, method="", shared_body=shared)
         try:
-            response = await self.node.setup(
-                model_id_field(self.model_id) + shared,
-                metadata=((TOKEN_KEY, token),),
-                timeout=timeout,
-                wait_for_ready=True,
-            )
+            try:
+                response = await self._send_setup(shared, timeout)
+            except grpc.aio.AioRpcError as exc:
+                if reason_of(exc) != ErrorCode.TOKEN_ISSUED_BEFORE_START:
+                    raise
+                # The runner started less than BACKDATE_SECONDS ago (our tokens are dated that far back).
+                await asyncio.sleep(BACKDATE_SECONDS)
+                response = await self._send_setup(shared, timeout)
         except grpc.aio.AioRpcError as exc:
             self._state = ModelState.UNREACHABLE
             self.setup_error = (reason_of(exc) or ErrorCode.UNREACHABLE, exc.details() or exc.code().name)
@@ -265,6 +269,15 @@ class RemoteModel:
             return True
         self._state = ModelState.UNREACHABLE  # the host's problem (sandbox, base class): retried
         return False
+
+    def _send_setup(self, shared: bytes, timeout: float):
+        token = self._signer.sign(
+            audience=[self.model_id], destinations=[self.node.destination], cert_sha256=self.node.cert_sha256,
+            rpc=SETUP_RPC, method="", shared_body=shared,
+        )
+        return self.node.setup(
+            model_id_field(self.model_id) + shared, metadata=((TOKEN_KEY, token),), timeout=timeout, wait_for_ready=True
+        )
 
     # -- calling ----------------------------------------------------------------------
 

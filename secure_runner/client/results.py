@@ -11,8 +11,9 @@ model's own faults count toward disconnecting it:
   MODEL_TIMEOUT, no answer within the call's timeout (the runner cut the call off
   and is replacing the worker, or the runner's answer never came).
 - FAILURE, fault MODEL, counts toward `max_consecutive_failures`:
-  MODEL_RAISED, MODEL_OUTPUT_INVALID (an output no codec encodes), WORKER_CRASHED,
-  WORKER_PROTOCOL, MEMORY_LIMIT, CPU_LIMIT; and the submission's own setup faults:
+  MODEL_RAISED, MODEL_OUTPUT_INVALID (an output no codec encodes, or an answer the
+  worker may not give), MODEL_OUTPUT_TOO_LARGE (an answer over the runner's cap),
+  WORKER_CRASHED, WORKER_PROTOCOL, MEMORY_LIMIT, CPU_LIMIT; and the submission's own setup faults:
   SETUP_NO_CANDIDATE, SETUP_MANY_CANDIDATES, SETUP_IMPORT_FAILED, SETUP_CONSTRUCTOR_FAILED.
 - FAILURE, fault INFRASTRUCTURE, counts toward nothing:
   - UNREACHABLE: the runner cannot be reached, or the model is still connecting or
@@ -21,12 +22,18 @@ model's own faults count toward disconnecting it:
     fault, until its runner's health service says the model serves again;
   - MODEL_RESTARTING: the runner answered that the worker is still being replaced
     after a fault it already reported (the fault was counted then, not again);
+  - MODEL_STARTING, MODEL_RECOVERING: the orchestrator lists the model as starting or
+    recovering (down, not gone): every call targeting it gets this, the message saying
+    since when and why; nothing sent;
   - MODEL_UNAVAILABLE: a model id asked for that is not running now (never listed,
-    starting, recovering, stopped, or disconnected by the limits); nothing sent;
+    stopped, or disconnected by the limits); nothing sent;
   - MESSAGE_TOO_LARGE: the answer is over the gRPC message cap;
+  - WORKER_STARVED: the deadline passed while the model waited for a CPU (the host
+    was overloaded: it was kept from running, not slow); its worker is replaced;
   - auth failures: the runner's identity was refused (PEER_UNAUTHENTICATED,
     DELEGATION_*, MODEL_NOT_REGISTERED; nothing sent), or the runner refused our
-    token (TOKEN_*, KEY_*, REPLAY_CACHE_FULL);
+    token (TOKEN_*, KEY_*, REPLAY_CACHE_FULL), or its registry is out of date
+    (REGISTRY_STALE, REGISTRY_UNAVAILABLE);
   - the host's problems: SANDBOX_UNAVAILABLE, SETUP_BASE_CLASS;
   - CALL_REFUSED or the runner's own refusal code (MODEL_UNKNOWN, ...), INTERNAL.
 
@@ -46,8 +53,8 @@ does not include preparing other models' requests, nor handling other models'
 answers. It does include the runner's own work (token check, the pipe to the
 worker) and any time the coordinator's event loop is blocked by its own code
 while the call is in flight: nothing in-process can see an answer arrive then.
-Results that were never sent (UNREACHABLE, COOLING_DOWN, MODEL_UNAVAILABLE) have
-latency 0.
+Results that were never sent (UNREACHABLE, COOLING_DOWN, MODEL_STARTING, MODEL_RECOVERING,
+MODEL_UNAVAILABLE) have latency 0.
 
 `model_latency_us` is the part of it the model's worker had the call, as its runner
 measured it (from handing the call to the worker to its answer, the pipe included; the
@@ -83,6 +90,7 @@ MODEL_FAULTS = frozenset(
     {
         ErrorCode.MODEL_RAISED,
         ErrorCode.MODEL_OUTPUT_INVALID,
+        ErrorCode.MODEL_OUTPUT_TOO_LARGE,
         ErrorCode.WORKER_CRASHED,
         ErrorCode.WORKER_PROTOCOL,
         ErrorCode.MEMORY_LIMIT,
@@ -98,6 +106,8 @@ RESTARTING_FAULTS = frozenset(
     {
         ErrorCode.MODEL_RESTARTING,
         ErrorCode.MODEL_TIMEOUT,
+        ErrorCode.WORKER_STARVED,
+        ErrorCode.MODEL_OUTPUT_TOO_LARGE,
         ErrorCode.WORKER_CRASHED,
         ErrorCode.WORKER_PROTOCOL,
         ErrorCode.MEMORY_LIMIT,
@@ -116,7 +126,11 @@ def fault_of(status: CallStatus, reason: str) -> Fault:
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """Who a model is, as the orchestrator announced it (and the runner's certificate proved)."""
+    """Who a model is: names from the coordinator's registry, deployment from the orchestrator's feed.
+
+    The runner's certificate and its cruncher's delegation prove the model id; the
+    orchestrator is trusted only for where the model runs and which deployment it is.
+    """
 
     model_id: str
     model_name: str

@@ -2,9 +2,13 @@
 
 The signing key's id (derived from its public key) must be registered for the
 crunch; the coordinator's TLS certificate names the same key id in its SPIFFE
-id, and every call token is bound to that certificate's SHA-256. The registry
-is the coordinator's own copy of who the crunch's models are: runner identities
-are checked against it, never against the orchestrator's word.
+id (servers refuse a token whose key id is not the certificate's: SMP-4a), and
+every call token is bound to the SHA-256 of the certificate the channel carrying
+it presents (each channel remembers the certificate it was opened with, so a
+renewed certificate on disk never breaks the channels still open) and to the
+servers that may accept it (their TLS keys). The registry is the coordinator's
+own copy of who the crunch's models are: runner identities and the names in
+results are taken from it, never from the orchestrator's word.
 """
 
 from __future__ import annotations
@@ -39,28 +43,46 @@ class CoordinatorSecurity:
         )
 
 
+# Tokens are dated this much in the past: verifiers allow no skew on `iat` (SMP-10), so a
+# clock this much ahead of a server's must not make tokens "future". The price: a server that
+# started less than this long ago may refuse them (TOKEN_ISSUED_BEFORE_START); Setup retries.
+BACKDATE_SECONDS = 0.25
+
+
 class CallSigner:
-    """Signs call tokens with the coordinator's key, bound to its TLS certificate."""
+    """Signs call tokens with the coordinator's key."""
 
     def __init__(self, security: CoordinatorSecurity, crunch_id: str) -> None:
         self._key = pki.load_signing_key(security.identity_key)
         self.key_id = pki.key_id_for(bytes(self._key.verify_key))
-        cert_pem, _, _ = security.tls.read()
-        self._cert_sha256 = tls.cert_sha256(tls.pem_to_der(cert_pem))
         self._crunch_id = crunch_id
         self._lifetime = security.token_lifetime_seconds
 
-    def sign(self, *, audience: Sequence[str], rpc: str, method: str, shared_body: bytes) -> bytes:
-        """One token for `model_id_field(m) + shared_body`, for every model m in `audience`."""
+    def sign(
+        self,
+        *,
+        audience: Sequence[str],
+        destinations: Sequence[str],
+        cert_sha256: str,
+        rpc: str,
+        method: str,
+        shared_body: bytes,
+    ) -> bytes:
+        """One token for `model_id_field(m) + shared_body`, for every model m in `audience`.
+
+        `destinations`: the SHA-256 of each accepting server's TLS public key;
+        `cert_sha256`: of the certificate presented by the channel that carries it.
+        """
         return issue_call_token(
             self._key,
             key_id=self.key_id,
             crunch_id=self._crunch_id,
             audience=audience,
+            destinations=sorted(set(destinations)),
             rpc=rpc,
             method=method,
             shared_body=shared_body,
-            cert_sha256=self._cert_sha256,
-            now=int(time.time()),
+            cert_sha256=cert_sha256,
+            now=int(time.time() - BACKDATE_SECONDS),
             lifetime=self._lifetime,
         )

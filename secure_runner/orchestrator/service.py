@@ -1,15 +1,18 @@
 """The Orchestrator service: the model list for authorized coordinators, and failure reports.
 
-WatchModels is a long-lived stream, so authorization (SMP-20) is not checked
-once: it is re-checked against the current registry before every snapshot and
-at least every `reauthorize_seconds`, and a watcher whose key was revoked is
-cut off within that bound. ReportFailure is token-authenticated by the
-interceptor like every runner call; this servicer only acts on it.
+WatchModels and ReportFailure are token-authenticated by the interceptor like
+every runner call (SMP-1..14, before the request is parsed): a coordinator
+certificate without its signing key cannot read the model list. WatchModels is
+a long-lived stream, so authorization (SMP-20) is not checked only once: it is
+re-checked against the current registry before every snapshot and at least every
+`reauthorize_seconds`, and a watcher whose key was revoked is cut off within
+that bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -18,16 +21,19 @@ from pathlib import Path
 import grpc
 
 from secure_runner import pki
-from secure_runner.errors import AuthError, ErrorCode
+from secure_runner.errors import AuthError, ConfigError, ErrorCode
+from secure_runner.orchestrator import operator
 from secure_runner.smp import rules
-from secure_runner.smp.registry import Registry
+from secure_runner.smp.identity import Role
+from secure_runner.smp.registry import RegistrySnapshot
 from secure_runner.smp.replay import ReplayCache
 from secure_runner.transport import tls
 from secure_runner.transport.audit_log import AuditLog
-from secure_runner.transport.registry_file import RegistryFile
+from secure_runner.transport.gate import PeerGate
+from secure_runner.transport.registry_file import RegistryFile, audit_registry_failure
 from secure_runner.transport.status import abort
 from secure_runner.transport.tls import PeerCertificates, peer_name
-from secure_runner.transport.token_auth import AuditSink, TokenAuthInterceptor
+from secure_runner.transport.token_auth import AuditSink, ServedKeys, TokenAuthInterceptor
 from secure_runner.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -73,7 +79,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     def __init__(
         self,
         board: ModelBoard,
-        registry: Callable[[], Registry],
+        registry: Callable[[], RegistrySnapshot],
         audit: AuditSink,
         stop_model: Callable[[str, str], Awaitable[bool]],
         *,
@@ -96,15 +102,14 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             rules.authorize_watcher(
                 self._board.crunch_id, request.crunch_id, peer.spiffe_ids, self._registry(), int(self._clock())
             )
-        except AuthError as exc:
+        except (AuthError, ConfigError) as exc:
             log.warning("refused model-list watcher %s: %s", who, exc)
             self._audit.record(decision="deny", code=exc.code, who=who, what={"rpc": WATCH_RPC})
             await abort(context, exc)
 
     async def WatchModels(self, request, context):
         peer = self._peers.from_auth_context(context.auth_context())
-        await self._authorize_watcher(request, context, peer)
-        self._audit.record(decision="allow", code="OK", who=peer_name(peer), what={"rpc": WATCH_RPC})
+        await self._authorize_watcher(request, context, peer)  # the interceptor audited the token's allow line
         snapshot = self._board.snapshot()
         while True:
             yield snapshot
@@ -143,20 +148,35 @@ class OrchestratorServer:
         layout: pki.PkiLayout,
         audit_file: Path,
         stop_model: Callable[[str, str], Awaitable[bool]],
+        operator_control: operator.OperatorControl | None = None,
     ) -> None:
         self.layout = layout
-        self.registry = RegistryFile(layout.registry)
         self.audit = AuditLog(audit_file)
-        auth = TokenAuthInterceptor(board.crunch_id, [REPORT_RPC], self.registry.current, self.audit, replay=ReplayCache())
-        self._server = grpc.aio.server(interceptors=[auth], options=tls.server_options())
+        self.registry = RegistryFile(layout.registry, on_failure=functools.partial(audit_registry_failure, self.audit))
+        auth = TokenAuthInterceptor(
+            board.crunch_id,
+            {WATCH_RPC: Role.COORDINATOR, REPORT_RPC: Role.COORDINATOR, **operator.PROTECTED_RPCS},
+            self.registry.current, self.audit,
+            replay=ReplayCache(), destinations=ServedKeys(layout.orchestrator_cert),
+        )
+        tls.raise_open_file_limit()
+        gate = PeerGate(board.crunch_id, self.audit, roles=operator.PROTECTED_RPCS)
+        self._server = grpc.aio.server(interceptors=[gate, auth], options=tls.server_options())
         orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(
             OrchestratorServicer(board, self.registry.current, self.audit, stop_model), self._server
         )
+        if operator_control is not None:  # the operator RPCs, for the OPERATOR role only
+            operator.add_to_server(self._server, board.crunch_id, operator_control, self.audit)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         files = tls.TlsFiles(self.layout.orchestrator_cert, self.layout.orchestrator_key, self.layout.ca_cert)
         bound = self._server.add_secure_port(f"{host}:{port}", tls.reloading_server_credentials(files))
         await self._server.start()
+        try:
+            await asyncio.to_thread(tls.check_tls13_only, host, bound, files)
+        except ConfigError:
+            await self.stop(0)
+            raise
         return bound
 
     async def stop(self, grace: float = 0.5) -> None:

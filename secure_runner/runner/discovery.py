@@ -4,8 +4,10 @@ The coordinator names a base class (`package.module.ClassName`) that must be
 importable in the worker. The submission folder is imported, and exactly one
 concrete class *defined in the folder* must subclass the base class; classes
 imported from elsewhere do not count. Only the public methods the base class
-declares are callable: never dunders, private names or extra methods a
-submission adds. Runs inside the worker; errors are SetupError with a code.
+declares are callable (`secure_runner.allowlist`). The base class is imported
+before the submission's folder is on sys.path, and that folder comes after the
+standard library, the installed packages and the base paths: a submission can
+shadow none of them. Runs inside the worker; errors are SetupError with a code.
 """
 
 from __future__ import annotations
@@ -40,14 +42,24 @@ def import_base_class(base_classname: str) -> type:
     return base
 
 
-def declared_methods(base: type) -> frozenset[str]:
-    """Public methods declared by the base class or its bases (the callable allowlist)."""
-    names = set()
-    for klass in base.__mro__[:-1]:  # everything but `object`
-        for name, value in vars(klass).items():
-            if not name.startswith("_") and (inspect.isfunction(value) or isinstance(value, staticmethod | classmethod)):
-                names.add(name)
-    return frozenset(names)
+def check_trusted_origin(module_names: list[str], trusted: list[Path], submission: Path) -> None:
+    """Each loaded module named (or inside a package named) is a file under a trusted root, never the submission's.
+
+    Run before the submission's folder is on sys.path, this shows the base class and the
+    project's package came from the Python installation or the base paths; a module of
+    them found in the submission folder (a base path that contains it, say) is refused.
+    """
+    roots = [root.resolve() for root in trusted]
+    submission = submission.resolve()
+    for name, module in list(sys.modules.items()):
+        if name.partition(".")[0] not in module_names:
+            continue
+        file = getattr(module, "__file__", None)
+        if file is None:  # a namespace package: only its modules have files
+            continue
+        path = Path(file).resolve()
+        if path.is_relative_to(submission) or not any(path.is_relative_to(root) for root in roots):
+            raise SetupError(ErrorCode.SETUP_BASE_CLASS, f"module {name} was not loaded from a trusted path")
 
 
 def _submission_modules(folder: Path) -> list[ModuleType]:

@@ -30,6 +30,10 @@ class PipeClosed(FrameError):
     """The peer closed its end of the pipe (or died)."""
 
 
+class FrameTooLarge(FrameError):
+    """The peer announced a frame over the cap of the answer expected (refused before its payload is read)."""
+
+
 def encode_frame(payload: bytes) -> bytes:
     if len(payload) > MAX_FRAME_BYTES:
         raise FrameError(f"frame of {len(payload)} bytes is over the {MAX_FRAME_BYTES}-byte cap")
@@ -40,7 +44,7 @@ def frame_length(header: bytes | bytearray, cap: int = MAX_FRAME_BYTES) -> int:
     """The payload length a frame's header announces, refused if it is over `cap`."""
     (length,) = HEADER.unpack_from(header)
     if length > cap:
-        raise FrameError(f"frame of {length} bytes is over the {cap}-byte cap")
+        raise FrameTooLarge(f"frame of {length} bytes is over the {cap}-byte cap")
     return length
 
 

@@ -1,7 +1,10 @@
 """Tie a child process's life to its parent's (Linux PR_SET_PDEATHSIG).
 
-Workers and locally started runners must never outlive the process that
-supervises them, even when it is killed with SIGKILL and cannot clean up.
+Used by runners started with `--exit-with-parent` (tests, benchmarks, a runner run by
+hand under a supervisor that wants it gone with itself), so they never outlive the
+process that started them, even when it is killed with SIGKILL and cannot clean up.
+The embedded orchestrator does not use it: its runners outlive it on purpose and are
+adopted by the next orchestrator (orchestrator/processes.py).
 """
 
 from __future__ import annotations

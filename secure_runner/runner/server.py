@@ -2,10 +2,14 @@
 
 Health reports one service per hosted model (named by its model id) plus the
 overall service "": a model is SERVING only while its worker is up and set up
-(or ready for Setup), so a coordinator can see a restart in progress.
+(or ready for Setup), so a coordinator can see a restart in progress. The
+service "secure_runner.registry" is NOT_SERVING while the registry file cannot be
+reloaded (each failed version is also an audit line); past the time policy's
+`max_registry_age_seconds` calls are refused (REGISTRY_STALE).
 
-The process that started the runner may stop or redeploy one hosted model
-without disturbing the others (`retire`, `redeploy`; see runner/control.py).
+The orchestrator may stop or redeploy one hosted model without disturbing the
+others, and read each model's status (`retire`, `redeploy`, `model_status`; see
+runner/control.py, its control socket).
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import BaseModel, ConfigDict
 
-from secure_runner.errors import ErrorCode, RequestError, SecureRunnerError
-from secure_runner.runner.supervisor import ModelHost, WorkerCall, failure_response
+from secure_runner.errors import ConfigError, ErrorCode, RequestError, SecureRunnerError
+from secure_runner.runner.supervisor import ModelHost, ModelStatus, WorkerCall, WorkerGone, failure_response
 from secure_runner.runner.sandbox.policy import SandboxPolicy
 from secure_runner.runner.worker import WorkerLimits
 from secure_runner.smp.identity import validate_id
@@ -28,8 +32,9 @@ from secure_runner.smp.replay import ReplayCache
 from secure_runner.smp.rules import TimePolicy
 from secure_runner.transport import tls
 from secure_runner.transport.audit_log import AuditLog
-from secure_runner.transport.registry_file import RegistryFile
-from secure_runner.transport.token_auth import TokenAuthInterceptor
+from secure_runner.transport.gate import PeerGate
+from secure_runner.transport.registry_file import REGISTRY_HEALTH_SERVICE, RegistryFile, audit_registry_failure, watch_registry
+from secure_runner.transport.token_auth import ServedKeys, TokenAuthInterceptor
 from secure_runner.transport.status import abort
 from secure_runner.v1 import runner_pb2, runner_pb2_grpc
 
@@ -42,6 +47,9 @@ PROTECTED_RPCS = tuple(
 )
 # Answer TIMEOUT this long before the caller's own deadline, so the answer arrives.
 DEADLINE_MARGIN_SECONDS = 0.05
+# A FanOutResults message stays this far under the gRPC cap; each result adds its tag and length.
+MAX_FAN_OUT_MESSAGE_BYTES = tls.MAX_MESSAGE_BYTES - 64 * 1024
+FAN_OUT_RESULT_OVERHEAD = 16
 
 
 class RunnerSettings(BaseModel):
@@ -150,7 +158,8 @@ class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
                 news.clear()
                 batch, finished[:] = finished[:], []
                 remaining -= len(batch)
-                yield runner_pb2.FanOutResults(results=batch)
+                for part in _within_message_cap(batch):
+                    yield runner_pb2.FanOutResults(results=part)
         finally:
             for task in tasks:  # the caller went away: its models' calls are cancelled too
                 task.cancel()
@@ -166,6 +175,23 @@ class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
         host = await self._host(request.model_id, context, "Reset", request)
         await host.reset()
         return runner_pb2.ResetResponse(status=runner_pb2.CALL_STATUS_SUCCESS)
+
+
+def _within_message_cap(results: list[runner_pb2.FanOutResult]):
+    """`results` split into messages under the gRPC cap, so no answer fails its node-mates' stream.
+
+    One result always fits: the supervisor refuses a worker's answer over MAX_CALL_ANSWER_BYTES.
+    """
+    part, size = [], 0
+    for result in results:
+        grows = result.ByteSize() + FAN_OUT_RESULT_OVERHEAD
+        if part and size + grows > MAX_FAN_OUT_MESSAGE_BYTES:
+            yield part
+            part, size = [], 0
+        part.append(result)
+        size += grows
+    if part:
+        yield part
 
 
 def _outcome(model_id: str, task: asyncio.Task) -> runner_pb2.CallResponse:
@@ -193,18 +219,21 @@ class RunnerServer:
         self.settings = settings
         self.health = health.aio.HealthServicer()
         self.hosts = {model_id: self._new_host(model_id) for model_id in settings.models}
-        self._registry = RegistryFile(settings.registry)
         self.audit = AuditLog(settings.audit_log)
+        self._registry = RegistryFile(settings.registry, on_failure=functools.partial(audit_registry_failure, self.audit))
+        self._registry_watch: asyncio.Task | None = None
         auth = TokenAuthInterceptor(
             settings.crunch_id,
             PROTECTED_RPCS,
             self._registry.current,
             self.audit,
             replay=ReplayCache(settings.replay_cache_size),
+            destinations=ServedKeys(settings.tls.cert),
             policy=settings.time_policy,
         )
+        tls.raise_open_file_limit()
         self._server = grpc.aio.server(
-            interceptors=[auth],
+            interceptors=[PeerGate(settings.crunch_id, self.audit), auth],
             options=tls.server_options(handshake_timeout_ms=settings.handshake_timeout_ms),
         )
         runner_pb2_grpc.add_ModelRunnerServicer_to_server(
@@ -253,15 +282,47 @@ class RunnerServer:
         self._health_tasks.add(task)
         task.add_done_callback(self._health_tasks.discard)
 
+    def model_status(self) -> dict[str, ModelStatus]:
+        """Each hosted model's state, last failure (code, message) and since when: for operators."""
+        return {model_id: host.status for model_id, host in self.hosts.items()}
+
+    async def _start_hosts(self) -> None:
+        """Start every model's worker; one that cannot start fails alone and keeps retrying with backoff.
+
+        The runner refuses to start only when no model of it could (a host-wide fault such as a
+        missing sandbox layer), so one broken submission never takes its node-mates down.
+        """
+        hosts = list(self.hosts.values())
+        outcomes = await asyncio.gather(*(host.start() for host in hosts), return_exceptions=True)
+        failed = [(host, outcome) for host, outcome in zip(hosts, outcomes) if isinstance(outcome, BaseException)]
+        for _host, error in failed:
+            if not isinstance(error, WorkerGone):
+                raise error
+        if failed and len(failed) == len(hosts):
+            raise failed[0][1]
+        for host, error in failed:
+            log.error("model %s could not start (%s); it retries with backoff, its node-mates serve", host.model_id, error)
+            host.keep_starting()
+
     async def start(self) -> int:
-        await asyncio.gather(*(host.start() for host in self.hosts.values()))
+        await self._start_hosts()
         address = f"{self.settings.host}:{self.settings.port}"
         self.port = self._server.add_secure_port(address, tls.reloading_server_credentials(self.settings.tls))
         await self._server.start()
+        try:
+            await asyncio.to_thread(tls.check_tls13_only, self.settings.host, self.port, self.settings.tls)
+        except ConfigError:
+            await self.stop(0)
+            raise
         await self.health.set("", SERVING)
+        self._registry_watch = asyncio.get_running_loop().create_task(
+            watch_registry(self._registry, self.health, REGISTRY_HEALTH_SERVICE)
+        )
         return self.port
 
     async def stop(self, grace: float = 1.0) -> None:
+        if self._registry_watch is not None:
+            self._registry_watch.cancel()
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
         await asyncio.gather(*(host.close() for host in self.hosts.values()))

@@ -15,8 +15,31 @@ so a crash-looping model cannot spin the CPU; the runner itself never dies of
 a worker.
 
 Each worker is started with `subprocess.Popen` (no preexec_fn: the runner is
-threaded), gets its own cgroup (made here, joined by the worker) and reports
-the sandbox layers in force in its first frame before it may load any code.
+threaded), is given its configuration as the first frame on its stdin (never
+on its command line, which any process can read in /proc), gets its own cgroup
+(made here, joined by the worker) and reports the sandbox layers in force in
+its first frame before it may load any code.
+
+Nothing a worker writes is trusted beyond its size-capped, parsed frames:
+- The method allowlist (R-1) is read once per worker process, from its answer
+  to a `base_class` request, the first request it gets after its sandbox
+  report. The worker imports the base class and answers before the
+  submission's folder is on its sys.path, so no submission code has run in
+  that process when the answer is written: it is trusted code's answer. The
+  runner process itself never imports the base class: that would load the
+  coordinator's code and its dependencies (numpy, pandas...) next to the TLS
+  key, in every runner, for one list of names. The names are kept to callable
+  ones (`allowlist.narrowed`), and nothing the worker says after its
+  submission loaded can change them.
+- Answers are capped on the runner's side: a call's at the 16 MiB output cap
+  (`worker.MAX_OUTPUT_BYTES`) plus room for its error, a Setup's at 1 MiB. A
+  bigger frame is refused before it is read and is the model's own fault
+  (MODEL_OUTPUT_TOO_LARGE). Failure codes are vetted (`vetted`): a model
+  cannot claim the host's or the runner's codes.
+- A deadline is judged by what the worker got: if its main thread spent at
+  least half the call waiting for a CPU and the whole process ran less than
+  half of it, the host was overloaded and the model starved, not slow
+  (WORKER_STARVED, an infrastructure fault that counts against nothing).
 """
 
 from __future__ import annotations
@@ -33,17 +56,20 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
+from secure_runner import allowlist
+from secure_runner.backoff import doubling_delay
 from secure_runner.errors import ErrorCode, RequestError, SecureRunnerError
 from secure_runner.runner import ipc
 from secure_runner.runner.sandbox import cgroups
 from secure_runner.runner.sandbox.environment import worker_environment
 from secure_runner.runner.sandbox.policy import LAYERS, LayerResult, SandboxPolicy, scratch_dir
-from secure_runner.runner.worker import SANDBOX_EXIT_CODE, WorkerConfig, WorkerLimits
+from secure_runner.runner.worker import MAX_OUTPUT_BYTES, SANDBOX_EXIT_CODE, WorkerConfig, WorkerLimits
 from secure_runner.v1 import runner_pb2, values_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
@@ -55,6 +81,25 @@ MAX_LOG_LINE = 2000
 EXIT_STATUS_WAIT_SECONDS = 1.0
 HELLO_TIMEOUT_SECONDS = 30.0
 MAX_HELLO_BYTES = 64 * 1024
+# Largest answers read from a worker: a call's output at its cap plus room for its error message and
+# framing, and a Setup's class name and method names.
+MAX_CALL_ANSWER_BYTES = MAX_OUTPUT_BYTES + 64 * 1024
+MAX_SETUP_ANSWER_BYTES = 1024 * 1024
+# Failure codes a worker may give, by answer: anything else (a claim that the host or the caller is
+# to blame, say) is the model's own MODEL_OUTPUT_INVALID. Messages are cut to MAX_WORKER_MESSAGE.
+CODEC_CODES = frozenset({ErrorCode.INVALID_ARGUMENTS, ErrorCode.UNSUPPORTED_TYPE, ErrorCode.INVALID_VALUE,
+                         ErrorCode.VALUE_TOO_LARGE, ErrorCode.VALUE_TOO_DEEP})
+WORKER_CALL_CODES = CODEC_CODES | {ErrorCode.MODEL_NOT_SET_UP, ErrorCode.METHOD_NOT_ALLOWED, ErrorCode.MEMORY_LIMIT,
+                                   ErrorCode.MODEL_RAISED, ErrorCode.MODEL_OUTPUT_INVALID,
+                                   ErrorCode.MODEL_OUTPUT_TOO_LARGE}
+WORKER_BASE_CLASS_CODES = frozenset({ErrorCode.SETUP_BASE_CLASS, ErrorCode.SETUP_CONFLICT})
+WORKER_SETUP_CODES = CODEC_CODES | {ErrorCode.SETUP_NO_CANDIDATE, ErrorCode.SETUP_MANY_CANDIDATES,
+                                    ErrorCode.SETUP_IMPORT_FAILED, ErrorCode.SETUP_CONSTRUCTOR_FAILED,
+                                    ErrorCode.SETUP_CONFLICT}
+MAX_WORKER_MESSAGE = 1000
+# At a deadline, a worker is starved (not slow) if its main thread waited at least this share of the
+# call for a CPU and the whole process ran less than this share of it.
+STARVED_SHARE = 0.5
 # Restart delays after consecutive failures: none for the first, then doubling up to the cap.
 BACKOFF_FIRST_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 30.0
@@ -69,15 +114,28 @@ def failure_response(code: ErrorCode, message: str, status: int = FAILURE) -> ru
     return runner_pb2.CallResponse(status=status, error=values_pb2.ErrorDetail(code=code, message=message))
 
 
+def vetted(answer, codes: frozenset[str]):
+    """A worker's answer (Call/SetupResponse, BaseClassReport) kept to SUCCESS or FAILURE with one of `codes`."""
+    if answer.status == SUCCESS:
+        answer.ClearField("error")
+        return answer
+    code = answer.error.code
+    if answer.status != FAILURE or code not in codes:
+        answer.error.code = ErrorCode.MODEL_OUTPUT_INVALID
+        answer.error.message = f"the worker answered status {answer.status} with code {code[:64]!r}, which it may not"
+        answer.status = FAILURE
+    elif len(answer.error.message) > MAX_WORKER_MESSAGE:
+        answer.error.message = answer.error.message[: MAX_WORKER_MESSAGE - 3] + "..."
+    return answer
+
+
 def _gone(exc: WorkerGone) -> runner_pb2.CallResponse:
     return failure_response(exc.code, exc.message, TIMEOUT if exc.code == ErrorCode.MODEL_TIMEOUT else FAILURE)
 
 
 def backoff_seconds(failures: int) -> float:
-    """Delay before the next start after `failures` consecutive failures."""
-    if failures <= 1:
-        return 0.0
-    return min(BACKOFF_FIRST_SECONDS * 2 ** (failures - 2), BACKOFF_MAX_SECONDS)
+    """Delay before the next start after `failures` consecutive failures (a first one: at once)."""
+    return doubling_delay(failures, BACKOFF_FIRST_SECONDS, BACKOFF_MAX_SECONDS, free=1)
 
 
 @dataclass(frozen=True)
@@ -99,6 +157,65 @@ class WorkerCall:
 
 def _worker_frame(request: worker_pb2.WorkerRequest) -> bytes:
     return ipc.encode_frame(request.SerializeToString())
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """A worker's CPU account at one moment, in nanoseconds."""
+
+    at: int  # time.monotonic_ns()
+    main_waited: int  # the main thread's time runnable but waiting for a CPU (schedstat run_delay)
+    process_ran: int  # CPU time of all its threads (utime + stime)
+
+    def starved_since(self, start: CpuSample) -> bool:
+        """Between `start` and this sample, was the worker kept from running rather than slow itself?"""
+        window = self.at - start.at
+        waited = self.main_waited - start.main_waited
+        ran = self.process_ran - start.process_ran
+        return window > 0 and waited >= STARVED_SHARE * window and ran < STARVED_SHARE * window
+
+
+CLOCK_TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+
+class CpuAccount:
+    """Reads a worker's CPU account from the runner's /proc (files kept open: one pread each per sample).
+
+    The process that runs model code is the worker itself, or its only child when the worker made
+    a PID namespace (runner/sandbox/namespaces.py: the worker then only waits for that child).
+    """
+
+    @classmethod
+    def of_worker(cls, pid: int) -> CpuAccount:
+        with contextlib.suppress(OSError, ValueError):
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            if len(children) == 1:
+                return cls(int(children[0]))
+        return cls(pid)
+
+    def __init__(self, pid: int) -> None:
+        self._fds: list[int] = []
+        with contextlib.suppress(OSError):  # no account: every deadline is judged the model's
+            for name in ("schedstat", "stat"):
+                self._fds.append(os.open(f"/proc/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC))
+
+    def sample(self) -> CpuSample | None:
+        """None once the process is gone (or /proc does not say)."""
+        if len(self._fds) != 2:
+            return None
+        try:
+            schedstat, stat = self._fds
+            main_waited = int(os.pread(schedstat, 128, 0).split()[1])
+            fields = os.pread(stat, 1024, 0).rpartition(b")")[2].split()
+            ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+        except (OSError, IndexError, ValueError):
+            return None
+        return CpuSample(time.monotonic_ns(), main_waited, ticks * CLOCK_TICK_NS)
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -125,6 +242,8 @@ class WorkerProcess:
         self.config = config
         self.cgroup = cgroup
         self.layers: list[LayerResult] = []
+        self.pristine = True  # no setup request sent yet: no submission code has run in it
+        self.cpu: CpuAccount | None = None  # once its sandbox is up (see _connect)
         loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[Exit] = loop.create_future()
         self._pidfd = os.pidfd_open(popen.pid)
@@ -143,7 +262,7 @@ class WorkerProcess:
         config = replace(config, cgroup_procs=cgroup.procs_files if cgroup else [], cgroup_error=error)
         try:
             popen = subprocess.Popen(
-                [sys.executable, "-I", "-m", "secure_runner.runner.worker", config.to_json()],
+                [sys.executable, "-I", "-m", "secure_runner.runner.worker"],  # the configuration goes over stdin
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -181,11 +300,13 @@ class WorkerProcess:
         self._stderr_task = asyncio.create_task(self._drain_stderr(stderr_reader))
         self._pipes = ipc.FrameChannel(self.popen.stdout.fileno(), self.popen.stdin.fileno())
         await self._hello()
+        self.cpu = CpuAccount.of_worker(self.popen.pid)
 
     async def _hello(self) -> None:
-        """Read the worker's sandbox report; refuse a worker that lacks a required layer."""
+        """Send the worker its configuration, read its sandbox report; refuse a worker that lacks a required layer."""
+        configuration = ipc.encode_frame(self.config.to_json().encode())
         try:
-            frame = await self._pipes.exchange(b"", MAX_HELLO_BYTES, HELLO_TIMEOUT_SECONDS)  # the worker speaks first
+            frame = await self._pipes.exchange(configuration, MAX_HELLO_BYTES, HELLO_TIMEOUT_SECONDS)
             report = struct_pb2.Struct.FromString(frame)
             self.layers = [LayerResult(str(n), bool(a), str(d)) for n, a, d in report["layers"]]
             refused = str(report["refused"])
@@ -242,12 +363,14 @@ class WorkerProcess:
             return ErrorCode.SANDBOX_UNAVAILABLE, "worker refused to start: a required sandbox layer is missing"
         return ErrorCode.WORKER_CRASHED, f"worker exited ({_describe(end.returncode)})"
 
-    async def request(self, frame: bytes, kind: str, timeout: float) -> worker_pb2.WorkerResponse:
-        """One round trip of a framed `kind` request; TimeoutError if no answer within `timeout` seconds."""
+    async def request(self, frame: bytes, kind: str, timeout: float, cap: int) -> worker_pb2.WorkerResponse:
+        """One round trip of a framed `kind` request, its answer at most `cap` bytes; TimeoutError if none in time."""
         try:
-            payload = await self._pipes.exchange(frame, ipc.MAX_FRAME_BYTES, timeout)
+            payload = await self._pipes.exchange(frame, cap, timeout)
         except ipc.PipeClosed:
             raise WorkerGone(*await self.cause()) from None
+        except ipc.FrameTooLarge as exc:
+            raise WorkerGone(ErrorCode.MODEL_OUTPUT_TOO_LARGE, f"the model's answer was refused: {exc}") from None
         except ipc.FrameError as exc:
             raise WorkerGone(ErrorCode.WORKER_PROTOCOL, str(exc)) from None
         try:
@@ -258,6 +381,37 @@ class WorkerProcess:
             raise WorkerGone(ErrorCode.WORKER_PROTOCOL, "worker answered a different request kind")
         return response
 
+    async def setup(
+        self, request: runner_pb2.SetupRequest, timeout: float
+    ) -> tuple[runner_pb2.SetupResponse, frozenset[str]]:
+        """Set this fresh worker up: its answer, with the methods callable on it (see the module docstring).
+
+        The allowlist comes from the `base_class` step, answered before the submission
+        is on the worker's sys.path; the SetupResponse that follows (written after
+        submission code ran) is given the runner's list, never its own.
+        """
+        if not self.pristine:
+            raise WorkerGone(ErrorCode.SETUP_CONFLICT, "a worker is set up once")
+        self.pristine = False
+        deadline = time.monotonic() + timeout
+        answer = await self.request(
+            _worker_frame(worker_pb2.WorkerRequest(base_class=request)), "base_class", timeout, MAX_SETUP_ANSWER_BYTES
+        )
+        report = vetted(answer.base_class, WORKER_BASE_CLASS_CODES)
+        if report.status != SUCCESS:
+            return runner_pb2.SetupResponse(status=FAILURE, error=report.error), frozenset()
+        methods = allowlist.narrowed(None, report.methods)
+        answer = await self.request(
+            _worker_frame(worker_pb2.WorkerRequest(setup=request)), "setup", deadline - time.monotonic(),
+            MAX_SETUP_ANSWER_BYTES,
+        )
+        response = vetted(answer.setup, WORKER_SETUP_CODES)
+        del response.methods[:]
+        if response.status != SUCCESS:
+            return response, frozenset()
+        response.methods.extend(sorted(methods))
+        return response, methods
+
     def kill(self) -> None:
         """Kill the worker's whole process group, so children it forked die too."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -267,6 +421,8 @@ class WorkerProcess:
         """Kill the worker and everything left in its cgroup; remove the cgroup and any scratch dir."""
         self.kill()
         await self.exited
+        if self.cpu is not None:
+            self.cpu.close()
         if self.cgroup is not None:
             await asyncio.to_thread(self.cgroup.remove)  # strays that left the process group die here
         if self._pipes is not None:
@@ -305,9 +461,31 @@ def log_layers(model_id: str, layers: list[LayerResult], policy: SandboxPolicy) 
             log.warning("model %s: sandbox layer %s is MISSING%s: %s", model_id, layer.name, allowed, layer.detail)
 
 
+class ModelState(StrEnum):
+    """Where a hosted model stands (`ModelHost.status`)."""
+
+    STARTING = "STARTING"  # its first worker is being started
+    READY = "READY"  # a worker is up and waits for Setup
+    SERVING = "SERVING"  # a worker is up and set up
+    SETUP_FAILED = "SETUP_FAILED"  # its last Setup failed; a new one waits for the backoff
+    RECOVERING = "RECOVERING"  # its worker failed (or could not start) and is being replaced, with backoff
+    STOPPED = "STOPPED"  # no longer hosted
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """A hosted model's state, its last failure (code and message; empty if none) and since when (Unix time)."""
+
+    state: ModelState
+    failure_code: str
+    failure_message: str
+    since: float
+    consecutive_failures: int
+
+
 @dataclass
 class ModelHost:
-    """Runs one hosted model: its worker, its last Setup, its deadlines and its health."""
+    """Runs one hosted model: its worker, its last Setup, its deadlines, its health and its status."""
 
     model_id: str
     submission: Path
@@ -328,10 +506,20 @@ class ModelHost:
         self._background: set[asyncio.Task] = set()
         self._restarting: asyncio.Task | None = None
         self._closed = False  # close() is final: no worker starts after it
-        self._failures = 0  # consecutive worker failures, reset by a successful call
+        self._failures = 0  # consecutive worker or setup failures, reset by a successful call or setup
         self._retry_at = 0.0  # monotonic time before which no new worker is started
-        self._last_failure = (ErrorCode.WORKER_CRASHED, "")
+        self._last_failure: tuple[str, str] | None = None  # (code, message), kept after a recovery
         self._layers_logged = False  # the sandbox report is logged for the first worker only
+        self._status = ModelStatus(ModelState.STARTING, "", "", time.time(), 0)
+
+    @property
+    def status(self) -> ModelStatus:
+        return self._status
+
+    def _set_state(self, state: ModelState) -> None:
+        code, message = self._last_failure or ("", "")
+        since = self._status.since if state is self._status.state else time.time()
+        self._status = ModelStatus(state, str(code), message, since, self._failures)
 
     def _worker_config(self) -> WorkerConfig:
         return WorkerConfig(
@@ -342,6 +530,11 @@ class ModelHost:
         async with self._lock:
             await self._ensure_worker()
 
+    def keep_starting(self) -> None:
+        """After a failed start: keep trying in the background, with backoff, until a worker is up."""
+        self.on_health(self.model_id, False)
+        self._schedule_restart()
+
     async def close(self) -> None:
         """Stop hosting the model for good: no worker is started afterwards, whatever calls were under way."""
         self._closed = True
@@ -349,18 +542,24 @@ class ModelHost:
             self._restarting.cancel()
         async with self._lock:  # a call in progress ends first
             await self._close_worker()
+        self._set_state(ModelState.STOPPED)
         # Let discarded workers finish closing: that removes their cgroups.
         await asyncio.gather(*list(self._background), return_exceptions=True)
         cgroups.remove_runner_dirs()  # succeeds once the last model of this runner is closed
 
-    def _record_failure(self, code: ErrorCode, message: str) -> None:
+    def _record_failure(self, code: str, message: str, state: ModelState = ModelState.RECOVERING) -> None:
         self._failures += 1
         self._last_failure = (code, message)
         delay = backoff_seconds(self._failures)
         self._retry_at = time.monotonic() + delay
+        self._set_state(state)
         if delay:
-            log.warning("model %s: %d consecutive worker failures (%s); next start in %.1f s",
+            log.warning("model %s: %d consecutive failures (%s); next start in %.1f s",
                         self.model_id, self._failures, code, delay)
+
+    def _succeeded(self, state: ModelState) -> None:
+        self._failures = 0
+        self._set_state(state)
 
     async def _ensure_worker(self) -> None:
         """Under the lock: make sure a live worker exists and has the last Setup applied."""
@@ -392,17 +591,16 @@ class ModelHost:
             self._layers_logged = True
             log_layers(self.model_id, process.layers, self.sandbox)
         if self._setup is not None:
-            response = await process.or_close(
-                process.request(
-                    _worker_frame(worker_pb2.WorkerRequest(setup=self._setup)), "setup", self.setup_timeout
-                ),
-                ErrorCode.MODEL_TIMEOUT, "replayed setup timed out",
+            response, methods = await process.or_close(
+                process.setup(self._setup, self.setup_timeout), ErrorCode.MODEL_TIMEOUT, "replayed setup timed out"
             )
-            if response.setup.status != SUCCESS:
+            if response.status != SUCCESS:
                 await process.close()
-                raise WorkerGone(ErrorCode.WORKER_CRASHED, f"replayed setup failed: {response.setup.error.message}")
+                raise WorkerGone(ErrorCode.WORKER_CRASHED, f"replayed setup failed: {response.error.message}")
+            self.methods &= methods  # a replay can narrow what is callable, never widen it
         self._process = process
         process.exited.add_done_callback(lambda _exit: self._exited(process))
+        self._set_state(ModelState.READY if self._setup is None else ModelState.SERVING)
         self.on_health(self.model_id, True)
 
     def _exited(self, process: WorkerProcess) -> None:
@@ -417,9 +615,12 @@ class ModelHost:
         if process is not None:
             await process.close()
 
-    def _discard_worker(self, code: ErrorCode, message: str) -> None:
-        """Kill the current worker now and start a new one in the background, after the backoff."""
-        self._record_failure(code, message)
+    def _discard_worker(self, code: ErrorCode, message: str, *, blame: bool = True) -> None:
+        """Kill the current worker now and start a new one in the background (after the backoff if `blame`)."""
+        if blame:
+            self._record_failure(code, message)
+        else:
+            self._set_state(ModelState.RECOVERING)
         if self._process is not None:
             self._process.kill()
             process, self._process = self._process, None
@@ -451,26 +652,28 @@ class ModelHost:
         return task
 
     async def setup(self, request: runner_pb2.SetupRequest) -> runner_pb2.SetupResponse:
+        """Set the model up on a worker that never saw a Setup; a failed Setup backs off like a failed worker."""
         wanted = _without_model_id(request)
         async with self._lock:
             if self._setup == wanted and self._setup_response is not None:
                 return self._setup_response  # idempotent: a reconnecting client sets up again
             try:
-                if self._setup is not None or self._process is None:
+                if self._process is None or not self._process.pristine:
                     await self._restart_fresh()
             except WorkerGone as exc:
                 return runner_pb2.SetupResponse(status=FAILURE, error=values_pb2.ErrorDetail(code=exc.code, message=exc.message))
-            frame = _worker_frame(worker_pb2.WorkerRequest(setup=wanted))
-            response = await self._send(frame, "setup", self.setup_timeout)
-            if isinstance(response, runner_pb2.CallResponse):  # the worker timed out or died
-                return runner_pb2.SetupResponse(status=response.status, error=response.error)
-            if response.setup.status == SUCCESS:
-                self._setup, self._setup_response = wanted, response.setup
-                self.methods = frozenset(response.setup.methods)
+            answer = await self._send(self._process.setup(wanted, self.setup_timeout), self.setup_timeout)
+            if isinstance(answer, runner_pb2.CallResponse):  # the worker timed out or died
+                return runner_pb2.SetupResponse(status=answer.status, error=answer.error)
+            response, methods = answer
+            if response.status == SUCCESS:
+                self._setup, self._setup_response, self.methods = wanted, response, methods
+                self._succeeded(ModelState.SERVING)
             else:
+                self._record_failure(response.error.code, response.error.message, ModelState.SETUP_FAILED)
                 with contextlib.suppress(WorkerGone):
                     await self._restart_fresh()  # a failed import leaves modules behind: start clean
-            return response.setup
+            return response
 
     async def _restart_fresh(self) -> None:
         self._setup = self._setup_response = None
@@ -489,12 +692,17 @@ class ModelHost:
             left = deadline - time.monotonic()
             if left <= 0:  # the turn or a worker restart used it up: nothing sent, the worker is fine
                 return failure_response(ErrorCode.MODEL_TIMEOUT, "no time left once the model was free", TIMEOUT)
+            process = self._process
+            before = process.cpu.sample() if process.cpu else None
             sent = time.perf_counter_ns()
-            response = await self._send(call.frame, "call", left)
+            response = await self._send(
+                process.request(call.frame, "call", left, MAX_CALL_ANSWER_BYTES), left, before
+            )
             if isinstance(response, runner_pb2.CallResponse):
                 return response
-            if response.call.status == SUCCESS:
-                self._failures = 0
+            vetted(response.call, WORKER_CALL_CODES)
+            if response.call.status == SUCCESS and self._failures:
+                self._succeeded(ModelState.SERVING)
             # The model's time as this runner saw it, whatever the worker wrote there.
             response.call.model_latency_us = (time.perf_counter_ns() - sent) // 1000
             return response.call
@@ -531,14 +739,21 @@ class ModelHost:
             except WorkerGone:
                 self._schedule_restart()
 
-    async def _send(
-        self, frame: bytes, kind: str, timeout: float
-    ) -> worker_pb2.WorkerResponse | runner_pb2.CallResponse:
-        """Under the lock: one round trip, or a failure response after discarding the worker."""
+    async def _send(self, exchange, timeout: float, before: CpuSample | None = None):
+        """Under the lock: await one exchange with the worker, or a failure response after discarding it.
+
+        `before` is the worker's CPU account when the call was sent: at the deadline it
+        tells a starved model (WORKER_STARVED, not counted) from a slow one (MODEL_TIMEOUT).
+        """
         assert self._process is not None
         try:
-            return await self._process.request(frame, kind, timeout)
+            return await exchange
         except TimeoutError:
+            now = self._process.cpu.sample() if self._process.cpu else None
+            if before is not None and now is not None and now.starved_since(before):
+                message = f"no answer within {timeout:.3f} s while the host gave the model too little CPU; worker restarted"
+                self._discard_worker(ErrorCode.WORKER_STARVED, message, blame=False)
+                return failure_response(ErrorCode.WORKER_STARVED, message)
             message = f"no answer within {timeout:.3f} s; worker restarted"
             self._discard_worker(ErrorCode.MODEL_TIMEOUT, message)
             return failure_response(ErrorCode.MODEL_TIMEOUT, message, TIMEOUT)

@@ -1,8 +1,10 @@
 """The worker: the only process that ever runs submission code.
 
-Started by the runner as `python -I -m secure_runner.runner.worker CONFIG_JSON`
-with a clean environment, a new session and no descriptors but stdin, stdout
-and stderr. Before any submission code is imported it takes private copies of
+Started by the runner as `python -I -m secure_runner.runner.worker` with a
+clean environment, a new session and no descriptors but stdin, stdout and
+stderr. Its configuration (host paths, cgroup paths, limits) is the first frame
+on stdin, never an argument: /proc/<pid>/cmdline shows a worker nothing of the
+host. Before any submission code is imported it takes private copies of
 the protocol pipes (stdin/stdout), points fd 0 at /dev/null and fd 1 at stderr
 (so a model's print() cannot corrupt the protocol), and applies every layer of
 its sandbox (`runner/sandbox/`). Its first frame is a `hello`: the layers in
@@ -10,7 +12,14 @@ force (a protobuf Struct). If a required layer is missing it says why and
 exits with SANDBOX_EXIT_CODE without loading anything. It then answers framed
 WorkerRequest messages one at a time.
 
-It imports only the codec, the framing, discovery and the sandbox: never smp,
+Setup is two requests: `base_class` imports the base class and reports its
+allowlist (a BaseClassReport) while the submission's folder is not yet on
+sys.path, so that answer is written before any submission code has run in this
+process; `setup` then appends the folder to sys.path (after the standard
+library, the installed packages and the base paths, which it therefore cannot
+shadow), loads the submission and answers a SetupResponse.
+
+It imports only the codec, the framing, discovery, the allowlist rule and the sandbox: never smp,
 transport, grpc or a key, and it is never given a path to one.
 """
 
@@ -23,12 +32,12 @@ import json
 import os
 import sys
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from google.protobuf import struct_pb2
 
-from secure_runner import codec
+from secure_runner import allowlist, codec
 from secure_runner.errors import ErrorCode, SecureRunnerError
 from secure_runner.runner import discovery, ipc, lifetime
 from secure_runner.runner.sandbox.policy import LayerResult, SandboxPolicy, WorkerLimits
@@ -38,6 +47,12 @@ SUCCESS = runner_pb2.CALL_STATUS_SUCCESS
 FAILURE = runner_pb2.CALL_STATUS_FAILURE
 
 
+# The folder of the `secure_runner` package this worker was started from (before any submission could be imported).
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+# The largest output a model may return (encoded): the runner refuses a bigger answer unread
+# (supervisor.MAX_CALL_ANSWER_BYTES), so a FanOut batch of many models stays within gRPC's message cap.
+MAX_OUTPUT_BYTES = 16 * 1024 * 1024
+OUTPUT_LIMITS = replace(codec.DEFAULT_LIMITS, max_value_bytes=MAX_OUTPUT_BYTES)
 # Exit status of a worker that refused to load code because a required layer is missing.
 SANDBOX_EXIT_CODE = 78
 # Exit status of a process forked by model code that fell back into the request loop.
@@ -89,18 +104,37 @@ def _error(code: ErrorCode, message: str) -> values_pb2.ErrorDetail:
 class Worker:
     def __init__(self, submission: Path) -> None:
         self.submission = submission
+        self.base: type | None = None
         self.instance: object | None = None
         self.methods: frozenset[str] = frozenset()
         self._loop: asyncio.AbstractEventLoop | None = None  # made on first coroutine: no idle fds
 
-    def setup(self, request: runner_pb2.SetupRequest) -> runner_pb2.SetupResponse:
-        if self.instance is not None:
-            return runner_pb2.SetupResponse(
+    def report_base_class(self, request: runner_pb2.SetupRequest) -> worker_pb2.BaseClassReport:
+        """Step 1 of Setup, before the submission's folder is on sys.path: import the base class and list its methods."""
+        if self.base is not None:
+            return worker_pb2.BaseClassReport(
                 status=FAILURE, error=_error(ErrorCode.SETUP_CONFLICT, "worker is already set up")
             )
         try:
             base = discovery.import_base_class(request.base_classname)
-            model_class = discovery.find_model_class(self.submission, base)
+            # Trusted: where Python looks now (the submission is not there yet) and this package's own folder.
+            trusted = [Path(entry) for entry in sys.path if os.path.isabs(entry)] + [PACKAGE_ROOT]
+            package = request.base_classname.partition(".")[0]
+            discovery.check_trusted_origin([package, "secure_runner"], trusted, self.submission)
+        except SecureRunnerError as exc:
+            return worker_pb2.BaseClassReport(status=FAILURE, error=_error(exc.code, exc.message))
+        self.base, self.methods = base, allowlist.declared_methods(base)
+        return worker_pb2.BaseClassReport(status=SUCCESS, methods=sorted(self.methods))
+
+    def setup(self, request: runner_pb2.SetupRequest) -> runner_pb2.SetupResponse:
+        """Step 2 of Setup: only now may submission code run (its folder goes last on sys.path)."""
+        if self.base is None or self.instance is not None:
+            return runner_pb2.SetupResponse(
+                status=FAILURE, error=_error(ErrorCode.SETUP_CONFLICT, "a worker is set up once, after its base class")
+            )
+        sys.path.append(str(self.submission))
+        try:
+            model_class = discovery.find_model_class(self.submission, self.base)
             args, kwargs = codec.decode_arguments(request.arguments, request.kwargs)
         except SecureRunnerError as exc:
             return runner_pb2.SetupResponse(status=FAILURE, error=_error(exc.code, exc.message))
@@ -112,10 +146,7 @@ class Worker:
                 status=FAILURE,
                 error=_error(ErrorCode.SETUP_CONSTRUCTOR_FAILED, discovery.describe_exception(exc)),
             )
-        self.methods = discovery.declared_methods(base)
-        return runner_pb2.SetupResponse(
-            status=SUCCESS, methods=sorted(self.methods), class_name=model_class.__qualname__
-        )
+        return runner_pb2.SetupResponse(status=SUCCESS, class_name=model_class.__qualname__)
 
     def call(self, request: runner_pb2.CallRequest) -> runner_pb2.CallResponse:
         if self.instance is None:
@@ -141,11 +172,10 @@ class Worker:
                 status=FAILURE, error=_error(ErrorCode.MODEL_RAISED, discovery.describe_exception(exc))
             )
         try:
-            output = codec.to_variant(result)
+            output = codec.to_variant(result, limits=OUTPUT_LIMITS)
         except SecureRunnerError as exc:
-            return runner_pb2.CallResponse(
-                status=FAILURE, error=_error(ErrorCode.MODEL_OUTPUT_INVALID, exc.message)
-            )
+            code = ErrorCode.MODEL_OUTPUT_TOO_LARGE if exc.code == ErrorCode.VALUE_TOO_LARGE else ErrorCode.MODEL_OUTPUT_INVALID
+            return runner_pb2.CallResponse(status=FAILURE, error=_error(code, exc.message))
         return runner_pb2.CallResponse(status=SUCCESS, output=output)
 
     def _run(self, value: object) -> object:
@@ -158,10 +188,12 @@ class Worker:
 
     def handle(self, request: worker_pb2.WorkerRequest) -> worker_pb2.WorkerResponse:
         kind = request.WhichOneof("kind")
-        if kind == "setup":
-            return worker_pb2.WorkerResponse(setup=self.setup(request.setup))
         if kind == "call":
             return worker_pb2.WorkerResponse(call=self.call(request.call))
+        if kind == "base_class":
+            return worker_pb2.WorkerResponse(base_class=self.report_base_class(request.base_class))
+        if kind == "setup":
+            return worker_pb2.WorkerResponse(setup=self.setup(request.setup))
         raise ipc.FrameError(f"unknown request kind {kind!r}")
 
 
@@ -185,10 +217,13 @@ def hello(layers: list[LayerResult], refused: str) -> bytes:
     return message.SerializeToString()
 
 
-def main(argv: list[str]) -> int:
+def main() -> int:
     from secure_runner.runner.sandbox import bootstrap  # the bindings load here, in the worker only
 
-    config = WorkerConfig.from_json(argv[1])
+    try:
+        config = WorkerConfig.from_json(ipc.read_frame(0).decode())
+    except ipc.FrameError:
+        return 0  # the runner went away before it sent the configuration
     lifetime.die_with_parent(config.parent_pid)
     proto_in, proto_out = take_protocol_pipes()
     plan = bootstrap.Plan(
@@ -212,10 +247,10 @@ def main(argv: list[str]) -> int:
         os.close(proto_out)
 
     os.register_at_fork(after_in_child=forked_child)
-    sys.path[:0] = [config.submission, *config.base_paths]
+    sys.path.extend(config.base_paths)  # after the standard library and installed packages; the submission comes last
     serve(Worker(Path(config.submission)), proto_in, proto_out)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(main())

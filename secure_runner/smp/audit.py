@@ -31,29 +31,59 @@ AUDIT-4  Line 1 has `seq` 0 and `prev` = GENESIS (64 zeros); line k+1 has
 Checks run per line in that order (1, 2, 3, 4), and the first failure names its
 1-based line number.
 
-What the chain cannot detect, and how it is anchored: the chain has no secret
-key, so it proves only that the lines form one unbroken sequence. Whoever can
-write the file can cut off its tail (the last lines, or all of them) and the
-rest still verifies; they can also rewrite everything from some line onwards
-and recompute every later hash. What pins the past is a hash kept elsewhere:
-`secure-runner audit verify FILE` prints the number of entries and the last
-hash, an operator (or a cron job) records that line off the machine (a ticket,
-another host, a chain transaction), and later runs
-`secure-runner audit verify FILE --anchor HASH`, which also fails unless a line
-with that hash is still in the chain. Everything up to an anchored line is then
-proven unchanged; only the lines after the newest anchor can still be truncated
-or rewritten unnoticed.
+Counted refusals: a `deny` record whose `what` holds `repeats` (a decimal count)
+and `since` (unix seconds) stands for that many further refusals of the same
+`who` for the same `code`, made after the one written in full at `since` and
+within the writer's counting window; its `rpc` is the last one's.
+
+Segments (AUDIT-4 across files): the writer rotates the log into segments,
+`FILE.<seq of its first line, 12 digits>`, the live one staying `FILE`. The
+chain simply continues: a segment's first line has the next `seq` and `prev` =
+the hash of the previous segment's last line, so the segments read in order
+are one chain. The writer verifies only the live segment when it starts (its
+size is bounded), so it starts in bounded time whatever the total size.
+
+Signed checkpoints (AUDIT-5, AUDIT-6): the chain has no secret key, so it proves
+only that the lines form one unbroken sequence: whoever can write the file can
+cut off its tail, or rewrite everything from some line onwards and recompute
+every later hash. So the writer also appends, to `FILE.checkpoints`, a signed
+statement of the chain head: when it opens the log, every `checkpoint_seconds`
+while records are added, and when it closes. Each checkpoint line is the
+canonical JSON object with exactly the members `entries` (integer: records
+covered), `hash` (the hash of record `entries`, GENESIS for 0), `key` (base64url
+Ed25519 public key), `sig` (base64url Ed25519 signature) and `time`.
+
+AUDIT-5  `sig` is the signature, by `key`, of `CHECKPOINT_DOMAIN` followed by the
+         canonical JSON of the checkpoint without `sig`; `entries` never
+         decreases from one checkpoint line to the next. Else AUDIT_TAMPERED.
+AUDIT-6  For every checkpoint, the chain's record number `entries` has that
+         `hash`. A chain shorter than a checkpoint, or with another hash there,
+         is AUDIT_BROKEN_CHAIN: it was truncated or rewritten after being signed.
+
+The signing key is generated in memory each time the writer opens the log and
+never stored: neither a submission (whose worker cannot read the runner's memory)
+nor anyone reading the disk later holds it. What remains: whoever can write
+*both* files can drop signed checkpoints from the end of `FILE.checkpoints`
+together with the log's tail, or forge a whole new history with a key of their
+own. The writer logs its public key when it opens the log; `audit verify
+--key KEY` refuses checkpoints signed by any key not given, and `--anchor HASH`
+(a last hash recorded elsewhere) must still be in the chain: what an operator
+keeps off the machine pins everything up to it.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
 
 from secure_runner.errors import AuditError, ErrorCode
 
@@ -64,8 +94,14 @@ __all__ = [
     "MAX_LINE_BYTES",
     "MAX_TEXT_CHARS",
     "MAX_WHAT_ITEMS",
+    "CHECKPOINT_DOMAIN",
     "ChainHead",
+    "Checkpoint",
     "encode_entry",
+    "key_text",
+    "make_checkpoint",
+    "parse_checkpoints",
+    "verify_last_line",
     "make_entry",
     "make_line",
     "verify_chain",
@@ -83,6 +119,9 @@ MAX_TEXT_CHARS = 256
 MAX_WHAT_ITEMS = 16
 MAX_LINE_BYTES = 128 * 1024
 """Well above the longest line `make_line` can write; a longer line is AUDIT_MALFORMED."""
+
+CHECKPOINT_DOMAIN = b"secure-runner audit checkpoint v1\n"
+CHECKPOINT_FIELDS = frozenset({"entries", "hash", "key", "sig", "time"})
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _PREV_MEMBER = b',"prev":"'  # never inside a string before it: a '"' there is escaped
@@ -222,27 +261,50 @@ def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
 
-def verify_chain(lines: Iterable[bytes], *, anchor: str | None = None) -> ChainHead:
+def _checked_record(line: bytes, number: int) -> tuple[dict[str, object], str]:
+    """AUDIT-1..3 for one line: the record (without its hash) and its hash."""
+    record = _parse(line, number)
+    digest = record.pop("hash")
+    body = _canonical(record)
+    if _with_hash(body, digest) != line:
+        raise AuditError(ErrorCode.AUDIT_MALFORMED, f"line {number}: not in canonical form (AUDIT-2)", line=number)
+    if hashlib.sha256(body).hexdigest() != digest:
+        raise AuditError(
+            ErrorCode.AUDIT_TAMPERED, f"line {number}: its hash does not match its content (the line was changed)",
+            line=number,
+        )
+    return record, digest
+
+
+def verify_last_line(line: bytes) -> ChainHead:
+    """Where a chain ends, from its last line alone (AUDIT-1..3 on that line): how the next segment starts."""
+    record, digest = _checked_record(line, 1)
+    return ChainHead(record["seq"] + 1, digest)
+
+
+def verify_chain(
+    lines: Iterable[bytes],
+    *,
+    anchor: str | None = None,
+    start: ChainHead = ChainHead(0, GENESIS),
+    checkpoints: Sequence[Checkpoint] = (),
+) -> ChainHead:
     """Check AUDIT-1..4 on `lines` (as read from the file in binary mode, each ending in LF).
 
-    Raises `AuditError` naming the first bad line. With `anchor` (a hash recorded
-    from an earlier verification), the chain must also still contain that hash.
+    Raises `AuditError` naming the first bad line (1-based, counted from the
+    first of `lines`). `start` is where the previous segment ended (the
+    genesis for the first). With `anchor` (a hash recorded from an earlier
+    verification), the chain must also still contain that hash. `checkpoints`
+    (from `parse_checkpoints`) are checked against the chain (AUDIT-6), those
+    before `start` excepted.
     """
-    expected_prev, seq, anchored = GENESIS, 0, anchor is None
+    expected_prev, seq, anchored = start.last_hash, start.entries, anchor is None
+    pending = sorted((c for c in checkpoints if c.entries >= seq), key=lambda c: c.entries)
+    number = 0
+    while pending and pending[0].entries == seq:
+        _check_checkpoint(pending.pop(0), expected_prev, number)
     for number, line in enumerate(lines, start=1):
-        record = _parse(line, number)
-        digest = record.pop("hash")
-        body = _canonical(record)
-        if _with_hash(body, digest) != line:
-            raise AuditError(
-                ErrorCode.AUDIT_MALFORMED, f"line {number}: not in canonical form (AUDIT-2)", line=number
-            )
-        if hashlib.sha256(body).hexdigest() != digest:
-            raise AuditError(
-                ErrorCode.AUDIT_TAMPERED,
-                f"line {number}: its hash does not match its content (the line was changed)",
-                line=number,
-            )
+        record, digest = _checked_record(line, number)
         if record["seq"] != seq:
             raise AuditError(
                 ErrorCode.AUDIT_BROKEN_CHAIN,
@@ -250,7 +312,7 @@ def verify_chain(lines: Iterable[bytes], *, anchor: str | None = None) -> ChainH
                 line=number,
             )
         if record["prev"] != expected_prev:
-            previous = "the genesis hash" if number == 1 else f"the hash of line {number - 1}"
+            previous = "the hash of the previous line" if number > 1 or seq else "the genesis hash"
             raise AuditError(
                 ErrorCode.AUDIT_BROKEN_CHAIN,
                 f"line {number}: prev is not {previous} (a line before it was removed, replaced or moved)",
@@ -258,13 +320,106 @@ def verify_chain(lines: Iterable[bytes], *, anchor: str | None = None) -> ChainH
             )
         anchored = anchored or digest == anchor
         expected_prev, seq = digest, seq + 1
+        while pending and pending[0].entries == seq:
+            _check_checkpoint(pending.pop(0), expected_prev, number)
     if not anchored:
         raise AuditError(
             ErrorCode.AUDIT_BROKEN_CHAIN,
-            f"line {seq}: the chain ends without the anchored hash {anchor} (truncated or rewritten)",
-            line=seq,
+            f"line {number}: the chain ends without the anchored hash {anchor} (truncated or rewritten)",
+            line=number,
+        )
+    if pending:
+        raise AuditError(
+            ErrorCode.AUDIT_BROKEN_CHAIN,
+            f"line {number}: the chain ends at {seq} records, but checkpoint line {pending[-1].line} signed"
+            f" {pending[-1].entries} (truncated after a checkpoint)",
+            line=number,
         )
     return ChainHead(seq, expected_prev)
+
+
+def _check_checkpoint(checkpoint: Checkpoint, chain_hash: str, number: int) -> None:
+    """AUDIT-6 for one checkpoint, at the record it covers up to."""
+    if checkpoint.last_hash != chain_hash:
+        raise AuditError(
+            ErrorCode.AUDIT_BROKEN_CHAIN,
+            f"line {number}: checkpoint line {checkpoint.line} signed another hash for record"
+            f" {checkpoint.entries} (the log was rewritten after it was signed)",
+            line=number,
+        )
+
+
+# --------------------------------------------------------------------------- signed checkpoints
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A verified checkpoint: the chain had `entries` records ending in `last_hash`, signed by `key`."""
+
+    entries: int
+    last_hash: str
+    key: str
+    line: int
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def key_text(public_key: bytes) -> str:
+    """How checkpoints, the writer's log and `audit verify --key` write a public key: base64url, unpadded."""
+    return _b64url(public_key)
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def make_checkpoint(
+    entries: int, last_hash: str, *, time: float, public_key: bytes, sign: Callable[[bytes], bytes]
+) -> bytes:
+    """The checkpoint line (canonical, ending in LF) stating that the chain has `entries` records ending in `last_hash`.
+
+    `sign` is the writer's Ed25519 signing function (64-byte signatures), so the key stays with it.
+    """
+    body = {"entries": entries, "hash": last_hash, "key": key_text(public_key), "time": float(time)}
+    signature = sign(CHECKPOINT_DOMAIN + _canonical(body))
+    return _canonical({**body, "sig": _b64url(signature)}) + b"\n"
+
+
+def parse_checkpoints(lines: Iterable[bytes], *, keys: Collection[str] | None = None) -> list[Checkpoint]:
+    """AUDIT-5 on the lines of a checkpoint file; with `keys`, only checkpoints signed by one of them pass."""
+    checkpoints: list[Checkpoint] = []
+    for number, line in enumerate(lines, start=1):
+
+        def bad(code: ErrorCode, reason: str) -> AuditError:
+            return AuditError(code, f"checkpoint line {number}: {reason}", line=number)
+
+        try:
+            record = json.loads(line.decode("utf-8"), parse_constant=_no_constant)
+            valid_shape = (
+                line.endswith(b"\n") and isinstance(record, dict) and record.keys() == CHECKPOINT_FIELDS
+                and type(record["entries"]) is int and record["entries"] >= 0
+                and isinstance(record["hash"], str) and _HEX64.fullmatch(record["hash"]) is not None
+                and type(record["time"]) in (int, float)
+                and all(isinstance(record[name], str) for name in ("key", "sig"))
+            )
+            if not valid_shape:
+                raise ValueError("shape")
+            body = {name: record[name] for name in ("entries", "hash", "key", "time")}
+            if _canonical({**body, "sig": record["sig"]}) + b"\n" != line:
+                raise ValueError("not canonical")
+            VerifyKey(_unb64(record["key"])).verify(CHECKPOINT_DOMAIN + _canonical(body), _unb64(record["sig"]))
+        except BadSignatureError:
+            raise bad(ErrorCode.AUDIT_TAMPERED, "its signature does not verify (the line was changed)") from None
+        except (UnicodeDecodeError, ValueError, TypeError, RecursionError):
+            raise bad(ErrorCode.AUDIT_MALFORMED, "not a canonical checkpoint (AUDIT-5)") from None
+        if keys is not None and record["key"] not in keys:
+            raise bad(ErrorCode.AUDIT_TAMPERED, f"signed by {record['key']}, not by a key given with --key")
+        if checkpoints and record["entries"] < checkpoints[-1].entries:
+            raise bad(ErrorCode.AUDIT_TAMPERED, "covers fewer records than the checkpoint before it")
+        checkpoints.append(Checkpoint(record["entries"], record["hash"], record["key"], number))
+    return checkpoints
 
 
 def verify_lines(lines: Iterable[bytes]) -> int:

@@ -20,9 +20,15 @@ _ID = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
 class Role(StrEnum):
-    COORDINATOR = "coordinator"
+    """What a certificate's holder is. A coordinator or operator certificate's id is its signing key's id."""
+
+    COORDINATOR = "coordinator"  # calls a crunch's models, watches its model list, reports failures
+    OPERATOR = "operator"  # lists, stops and redeploys a crunch's models (the orchestrator's operator RPCs)
     ORCHESTRATOR = "orchestrator"
     RUNNER = "runner"
+
+
+SIGNING_ROLES = frozenset({Role.COORDINATOR, Role.OPERATOR})  # roles whose calls carry a signed token
 
 
 def validate_id(value: str, what: str = "id") -> str:

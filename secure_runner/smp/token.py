@@ -3,9 +3,18 @@
 A call token is a PASETO v4.public token whose implicit assertion names this
 protocol (so a signature made for anything else never verifies here) and whose
 footer carries the signing key id (so the verifier can pick the key). The
-claims bind the token to one crunch, a set of models (the audience), one gRPC
-method and model method, the exact request bytes and the caller's TLS
-certificate, for a short time window.
+claims bind the token to one crunch, a set of models (the audience), the
+servers that may accept it (`dst`: each one's TLS key), one gRPC method and
+model method, the exact request bytes and the caller's TLS certificate, for a
+short time window.
+
+Destinations: a server is named by the SHA-256 of the SubjectPublicKeyInfo it
+presents in TLS (for a runner, the key its cruncher's delegation binds, which
+the client checked before sending anything). Two runners hosting the same model
+id never share it, so a token captured on one runner is refused by another,
+and a FanOut token for one node by every other node. One token may name a
+bounded set (`MAX_DESTINATIONS`) when one signature covers calls to several
+runners.
 
 What is signed of the request: every request message starts with its model id
 (field 1). A request's bytes are `model_id_field(model_id) + shared`, and `bh`
@@ -28,10 +37,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from secure_runner.smp import paseto
 
-TOKEN_VERSION = 1
+TOKEN_VERSION = 2  # 2: adds `dst`; a version 1 token is TOKEN_UNSUPPORTED_VERSION
 IMPLICIT_ASSERTION = b"secure-runner call token v1"
 # Sizes a real token never exceeds; the runner refuses bigger ones before decoding.
 MAX_AUDIENCE = 64
+MAX_DESTINATIONS = 32  # with MAX_AUDIENCE long model ids, still under MAX_TOKEN_BYTES
 MAX_TOKEN_BYTES = 8192
 NONCE_BYTES = 16
 MAX_MODEL_ID_BYTES = 63
@@ -76,11 +86,14 @@ class CallClaims(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    v: Literal[1]
+    v: Literal[2]
     crunch: str = Field(max_length=63, description="crunch id")
     kid: str = Field(max_length=64, description="signing key id, equal to the footer's")
     aud: list[Annotated[str, Field(max_length=MAX_MODEL_ID_BYTES)]] = Field(
         min_length=1, max_length=MAX_AUDIENCE, description="model ids the call may go to"
+    )
+    dst: list[Annotated[str, Field(min_length=43, max_length=43)]] = Field(
+        min_length=1, max_length=MAX_DESTINATIONS, description="SHA-256 of each accepting server's TLS public key"
     )
     rpc: str = Field(max_length=128, description="full gRPC method, /package.Service/Method")
     method: str = Field(max_length=128, description="model method for Call, empty otherwise")
@@ -97,6 +110,7 @@ def issue_call_token(
     key_id: str,
     crunch_id: str,
     audience: Sequence[str],
+    destinations: Sequence[str],
     rpc: str,
     method: str,
     shared_body: bytes,
@@ -104,12 +118,13 @@ def issue_call_token(
     now: int,
     lifetime: int = 30,
 ) -> bytes:
-    """Sign a token for requests `model_id_field(m) + shared_body`, for each m in `audience`."""
+    """Sign a token for requests `model_id_field(m) + shared_body`, for each m in `audience`, to `destinations`."""
     claims = CallClaims(
         v=TOKEN_VERSION,
         crunch=crunch_id,
         kid=key_id,
         aud=list(audience),
+        dst=list(destinations),
         rpc=rpc,
         method=method,
         bh=sha256_b64url(shared_body),

@@ -15,8 +15,10 @@ delegation) before it sends any request.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import resource
 import socket
 import ssl
 import threading
@@ -30,6 +32,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key
 
+import secure_runner
 from secure_runner.errors import AuthError, ConfigError, ErrorCode, RequestError
 from secure_runner.smp.token import sha256_b64url
 
@@ -49,6 +52,14 @@ SERVER_OPTIONS = [
     ("grpc.max_metadata_size", MAX_METADATA_BYTES),
     ("grpc.max_concurrent_streams", 128),
     ("grpc.so_reuseport", 0),
+    # Identity only: a compressed request (a few KiB on the wire, up to the message cap
+    # once inflated) is refused from its grpc-encoding header, never decompressed.
+    ("grpc.compression_enabled_algorithms_bitset", 1),
+    # A request waits in its stream's flow-control window until the peer gate admits
+    # the caller: keep that window at HTTP/2's 64 KiB instead of letting bandwidth-delay
+    # probing grow it to megabytes per stream (the price: <= 64 KiB per round trip and
+    # stream for requests, ample on the LAN a coordinator and its runners share).
+    ("grpc.http2.bdp_probe", 0),
 ]
 
 
@@ -213,9 +224,78 @@ def spki_sha256(der_cert: bytes) -> str:
     return sha256_b64url(public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
 
 
+def check_tls13_only(host: str, port: int, files: TlsFiles, timeout: float = 5.0) -> None:
+    """Fail unless the server at host:port refuses a TLS 1.2 handshake (T-1), even with a valid certificate.
+
+    grpcio offers no TLS version setting: TLS 1.2 is off only if `secure_runner`
+    was imported before grpc (see `secure_runner/__init__.py`). A server started
+    otherwise would accept TLS 1.2, so it checks itself and refuses to serve.
+    Blocking (call it in a thread). Raises ConfigError(PKI_INVALID).
+    """
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(host, host.strip("[]"))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(files.ca)
+    context.load_cert_chain(files.cert, files.key)
+    context.check_hostname = False
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            with context.wrap_socket(sock) as tls_sock:
+                version = tls_sock.version()
+    except (ssl.SSLError, ConnectionResetError, ConnectionAbortedError):
+        return  # refused during the handshake: TLS 1.2 is off
+    except OSError as exc:  # fail closed: a server whose TLS versions cannot be checked does not serve
+        raise ConfigError(
+            ErrorCode.PKI_INVALID, f"cannot check the TLS versions of the server on port {port}: {exc}"
+        ) from None
+    raise ConfigError(
+        ErrorCode.PKI_INVALID,
+        f"the server on port {port} accepted a {version} handshake: import secure_runner before grpc (T-1)",
+    )
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit; the limit now in force.
+
+    Every connection holds a descriptor from accept() on, handshake finished or
+    not: at the common default of 1,024, a thousand idle TCP connections make
+    accept() fail and every new connection wait on grpc's accept backoff.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+            return soft
+    return max(soft, target)
+
+
+@functools.cache
+def _warn_tls12_possible() -> None:
+    log.warning("grpc was imported before secure_runner: this process's channels may negotiate TLS 1.2 (T-1)")
+
+
 def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
+    return client_credentials(files)[0]
+
+
+def client_credentials(files: TlsFiles) -> tuple[grpc.ChannelCredentials, str]:
+    """Credentials for a new channel, and `cert_sha256` of the certificate they present.
+
+    Both come from one read of the files, so a token bound to that hash (`cnf`)
+    matches what the channel shows even while the files are being renewed.
+    """
+    if not secure_runner.TLS13_ONLY:
+        _warn_tls12_possible()
     cert, key, ca = files.read()
-    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    try:
+        presented = cert_sha256(pem_to_der(cert))
+    except ValueError as exc:
+        raise ConfigError(ErrorCode.PKI_INVALID, f"unusable certificate {files.cert}: {exc}") from None
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert), presented
 
 
 def channel_options(server_name: str) -> list[tuple[str, object]]:

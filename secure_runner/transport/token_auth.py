@@ -3,49 +3,74 @@
 For each protected method (unary request; unary or streamed response) it swaps
 in a handler that receives the raw request bytes, so unauthenticated input never reaches the protobuf parser. The
 decision itself is `smp.rules.authorize_call`; this module only gathers its
-inputs (token metadata, peer certificate, method, clock), writes every allow and
-deny to the audit log, and turns refusals into gRPC statuses with a reason code.
-Used by the runner (Setup, Call, FanOut, Reset) and the orchestrator (ReportFailure).
+inputs (token metadata, peer certificate, method, clock, the registry snapshot,
+this server's destination names), writes every allow and deny to the audit log,
+and turns refusals into gRPC statuses with a reason code.
+Used by the runner (Setup, Call, FanOut, Reset: coordinator tokens) and the
+orchestrator (WatchModels, ReportFailure: coordinator tokens; its operator RPCs:
+operator tokens). Each protected method names the role it accepts.
+
+Audit lines name the peer (`who`) and, as far as the token was read before a
+refusal, the key that signed it (`kid`), the models it claims (`models`) and its
+`nonce`. Any failure of the registry source, whatever its type, is a typed,
+audited refusal (REGISTRY_UNAVAILABLE), never an unhandled exception.
+`ServedKeys` gives a server's own names for the tokens' destination claim.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
 from typing import Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from secure_runner.errors import AuthError, ErrorCode, RequestError
+from secure_runner.errors import AuthError, ConfigError, ErrorCode, RequestError
 from secure_runner.smp import rules
-from secure_runner.smp.registry import Registry
+from secure_runner.smp.identity import Role
+from secure_runner.smp.registry import RegistrySnapshot
 from secure_runner.smp.replay import ReplayCache
+from secure_runner.transport import tls
 from secure_runner.transport.status import TOKEN_KEY, abort
 from secure_runner.transport.tls import PeerCertificates, peer_name
 
 log = logging.getLogger(__name__)
+
 
 class AuditSink(Protocol):
     def record(self, *, decision: str, code: str, who: str, what: dict[str, str]) -> None: ...
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Token-checks `protected_rpcs`: a mapping of full method name -> accepted role, or a collection
+    of method names that accept the coordinator.
+
+    `destinations` returns this server's names for the tokens' `dst` claim (the
+    SHA-256 of each TLS public key it may be presenting, see `ServedKeys`).
+    """
+
     def __init__(
         self,
         crunch_id: str,
-        protected_rpcs: Collection[str],
-        registry: Callable[[], Registry],
+        protected_rpcs: Mapping[str, Role] | Collection[str],
+        registry: Callable[[], RegistrySnapshot],
         audit: AuditSink,
         *,
         replay: ReplayCache,
+        destinations: Callable[[], frozenset[str]],
         policy: rules.TimePolicy = rules.TimePolicy(),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._crunch_id = crunch_id
-        self._protected = frozenset(protected_rpcs)
+        if not isinstance(protected_rpcs, Mapping):
+            protected_rpcs = dict.fromkeys(protected_rpcs, Role.COORDINATOR)
+        self._protected = {rpc: Role(role) for rpc, role in protected_rpcs.items()}
         self._registry = registry
+        self._destinations = destinations
         self._audit = audit
         self._replay = replay
         self._policy = policy
@@ -85,11 +110,23 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(authenticated, response_serializer=serialize)
 
+    def _snapshot(self) -> RegistrySnapshot:
+        """The registry source's current snapshot; any failure of the source becomes a ConfigError."""
+        try:
+            return self._registry()
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an adapter's bug or outage: a typed refusal, never a traceback
+            log.exception("registry source failed")
+            failed = f"the registry source failed: {type(exc).__name__}"
+            raise ConfigError(ErrorCode.REGISTRY_UNAVAILABLE, failed) from None
+
     async def _authorize(self, rpc: str, raw: bytes, context: grpc.aio.ServicerContext, parse):
         """The parsed request if SMP-1..14 pass; otherwise audit, abort with the reason code."""
         tokens = [v for k, v in context.invocation_metadata() or () if k == TOKEN_KEY]
         peer = self._peers.from_auth_context(context.auth_context())
         who = peer_name(peer)
+        what = {"rpc": rpc}  # filled with the token's kid, models and nonce as they are read
         try:
             if peer is None:
                 raise AuthError(ErrorCode.PEER_UNAUTHENTICATED, "no client certificate")
@@ -101,20 +138,19 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
                 body=raw,
                 now=int(self._clock()),
                 started_at=self._started_at,
+                destinations=self._destinations(),
+                role=self._protected[rpc],
             )
-            claims, request = rules.authorize_call(tokens, ctx, self._registry(), self._replay, parse, self._policy)
-        except (AuthError, RequestError) as exc:
+            claims, request = rules.authorize_call(
+                tokens, ctx, self._snapshot(), self._replay, parse, self._policy, seen=what
+            )
+        except (AuthError, RequestError, ConfigError) as exc:
             log.warning("refused %s from %s: %s", rpc, who, exc)
-            self._audit.record(decision="deny", code=exc.code, who=who, what={"rpc": rpc})
+            self._audit.record(decision="deny", code=exc.code, who=who, what=what)
             await abort(context, exc)
         subject, targets = rules.subject_and_targets(request)
-        self._audit.record(
-            decision="allow",
-            code="OK",
-            who=who,
-            what={"rpc": rpc, "subject": subject, "models": ",".join(targets)[:200], "method": claims.method,
-                  "nonce": claims.nonce},
-        )
+        what.update(subject=subject, models=",".join(targets)[:200], method=claims.method)
+        self._audit.record(decision="allow", code="OK", who=who, what=what)
         return request
 
 
@@ -126,3 +162,49 @@ def _parser(deserializer: Callable[[bytes], object]) -> Callable[[bytes], object
             raise RequestError(ErrorCode.MALFORMED_REQUEST, "request is not a valid message") from None
 
     return parse
+
+
+class ServedKeys:
+    """This server's names for the tokens' `dst` claim: SHA-256 of the TLS public key(s) it serves.
+
+    The certificate file is re-read at most once per `check_interval` when it changed
+    (a renewal with `--new-keys`). The previous key stays a valid destination too,
+    since connections opened before the renewal keep presenting it until recycled.
+    """
+
+    def __init__(self, cert: Path, check_interval: float = 1.0) -> None:
+        self._cert = cert
+        self._check_interval = check_interval
+        self._version = self._stat()
+        try:
+            self._latest = self._read()
+        except (OSError, ValueError, AuthError) as exc:
+            raise ConfigError(ErrorCode.PKI_INVALID, f"cannot read the served certificate {cert}: {exc}") from None
+        self._keys = frozenset({self._latest})
+        self._next_check = time.monotonic() + check_interval
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            info = os.stat(self._cert)
+        except OSError:
+            return None
+        return info.st_ino, info.st_mtime_ns, info.st_size
+
+    def _read(self) -> str:
+        return tls.spki_sha256(tls.pem_to_der(self._cert.read_bytes()))
+
+    def __call__(self) -> frozenset[str]:
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + self._check_interval
+            version = self._stat()
+            if version != self._version:
+                self._version = version
+                try:
+                    latest = self._read()
+                except (OSError, ValueError, AuthError) as exc:
+                    log.warning("keeping the served key names: %s", exc)
+                else:
+                    if latest != self._latest:
+                        self._keys, self._latest = frozenset({latest, self._latest}), latest
+        return self._keys

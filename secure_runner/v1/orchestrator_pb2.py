@@ -24,25 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#secure_runner/v1/orchestrator.proto\x12\x10secure_runner.v1\"\'\n\x12WatchModelsRequest\x12\x11\n\tcrunch_id\x18\x01 \x01(\t\"\xde\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x13\n\x0b\x63runcher_id\x18\x03 \x01(\t\x12\x15\n\rcruncher_name\x18\x04 \x01(\t\x12\x15\n\rdeployment_id\x18\x05 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\x12+\n\x05state\x18\x07 \x01(\x0e\x32\x1c.secure_runner.v1.ModelState\x12\x19\n\x11runner_delegation\x18\x08 \x01(\x0c\x12\x0f\n\x07node_id\x18\t \x01(\t\"\x95\x01\n\rFailureReport\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rdeployment_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x1c\n\x14\x63onsecutive_failures\x18\x05 \x01(\r\x12\x1c\n\x14\x63onsecutive_timeouts\x18\x06 \x01(\r\"#\n\x10\x46\x61ilureReportAck\x12\x0f\n\x07stopped\x18\x01 \x01(\x08\"]\n\tModelList\x12\x11\n\tcrunch_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12+\n\x06models\x18\x03 \x03(\x0b\x32\x1b.secure_runner.v1.ModelInfo*\x91\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_STATE_STARTING\x10\x01\x12\x17\n\x13MODEL_STATE_RUNNING\x10\x02\x12\x1a\n\x16MODEL_STATE_RECOVERING\x10\x03\x12\x17\n\x13MODEL_STATE_STOPPED\x10\x04\x32\xb8\x01\n\x0cOrchestrator\x12R\n\x0bWatchModels\x12$.secure_runner.v1.WatchModelsRequest\x1a\x1b.secure_runner.v1.ModelList0\x01\x12T\n\rReportFailure\x12\x1f.secure_runner.v1.FailureReport\x1a\".secure_runner.v1.FailureReportAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#secure_runner/v1/orchestrator.proto\x12\x10secure_runner.v1\"\'\n\x12WatchModelsRequest\x12\x11\n\tcrunch_id\x18\x01 \x01(\t\"\x8c\x02\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x13\n\x0b\x63runcher_id\x18\x03 \x01(\t\x12\x15\n\rcruncher_name\x18\x04 \x01(\t\x12\x15\n\rdeployment_id\x18\x05 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\x12+\n\x05state\x18\x07 \x01(\x0e\x32\x1c.secure_runner.v1.ModelState\x12\x19\n\x11runner_delegation\x18\x08 \x01(\x0c\x12\x0f\n\x07node_id\x18\t \x01(\t\x12\x14\n\x0cstate_reason\x18\n \x01(\t\x12\x16\n\x0estate_since_ms\x18\x0b \x01(\x03\"\x95\x01\n\rFailureReport\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rdeployment_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x1c\n\x14\x63onsecutive_failures\x18\x05 \x01(\r\x12\x1c\n\x14\x63onsecutive_timeouts\x18\x06 \x01(\r\"#\n\x10\x46\x61ilureReportAck\x12\x0f\n\x07stopped\x18\x01 \x01(\x08\"]\n\tModelList\x12\x11\n\tcrunch_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12+\n\x06models\x18\x03 \x03(\x0b\x32\x1b.secure_runner.v1.ModelInfo*\x91\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_STATE_STARTING\x10\x01\x12\x17\n\x13MODEL_STATE_RUNNING\x10\x02\x12\x1a\n\x16MODEL_STATE_RECOVERING\x10\x03\x12\x17\n\x13MODEL_STATE_STOPPED\x10\x04\x32\xb8\x01\n\x0cOrchestrator\x12R\n\x0bWatchModels\x12$.secure_runner.v1.WatchModelsRequest\x1a\x1b.secure_runner.v1.ModelList0\x01\x12T\n\rReportFailure\x12\x1f.secure_runner.v1.FailureReport\x1a\".secure_runner.v1.FailureReportAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'secure_runner.v1.orchestrator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELSTATE']._serialized_start=608
-  _globals['_MODELSTATE']._serialized_end=753
+  _globals['_MODELSTATE']._serialized_start=654
+  _globals['_MODELSTATE']._serialized_end=799
   _globals['_WATCHMODELSREQUEST']._serialized_start=57
   _globals['_WATCHMODELSREQUEST']._serialized_end=96
   _globals['_MODELINFO']._serialized_start=99
-  _globals['_MODELINFO']._serialized_end=321
-  _globals['_FAILUREREPORT']._serialized_start=324
-  _globals['_FAILUREREPORT']._serialized_end=473
-  _globals['_FAILUREREPORTACK']._serialized_start=475
-  _globals['_FAILUREREPORTACK']._serialized_end=510
-  _globals['_MODELLIST']._serialized_start=512
-  _globals['_MODELLIST']._serialized_end=605
-  _globals['_ORCHESTRATOR']._serialized_start=756
-  _globals['_ORCHESTRATOR']._serialized_end=940
+  _globals['_MODELINFO']._serialized_end=367
+  _globals['_FAILUREREPORT']._serialized_start=370
+  _globals['_FAILUREREPORT']._serialized_end=519
+  _globals['_FAILUREREPORTACK']._serialized_start=521
+  _globals['_FAILUREREPORTACK']._serialized_end=556
+  _globals['_MODELLIST']._serialized_start=558
+  _globals['_MODELLIST']._serialized_end=651
+  _globals['_ORCHESTRATOR']._serialized_start=802
+  _globals['_ORCHESTRATOR']._serialized_end=986
 # @@protoc_insertion_point(module_scope)

@@ -27,7 +27,7 @@ class WatchModelsRequest(_message.Message):
     def __init__(self, crunch_id: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "model_name", "cruncher_id", "cruncher_name", "deployment_id", "address", "state", "runner_delegation", "node_id")
+    __slots__ = ("model_id", "model_name", "cruncher_id", "cruncher_name", "deployment_id", "address", "state", "runner_delegation", "node_id", "state_reason", "state_since_ms")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     CRUNCHER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,8 @@ class ModelInfo(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     RUNNER_DELEGATION_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_REASON_FIELD_NUMBER: _ClassVar[int]
+    STATE_SINCE_MS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_name: str
     cruncher_id: str
@@ -46,7 +48,9 @@ class ModelInfo(_message.Message):
     state: ModelState
     runner_delegation: bytes
     node_id: str
-    def __init__(self, model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., cruncher_id: _Optional[str] = ..., cruncher_name: _Optional[str] = ..., deployment_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., runner_delegation: _Optional[bytes] = ..., node_id: _Optional[str] = ...) -> None: ...
+    state_reason: str
+    state_since_ms: int
+    def __init__(self, model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., cruncher_id: _Optional[str] = ..., cruncher_name: _Optional[str] = ..., deployment_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., runner_delegation: _Optional[bytes] = ..., node_id: _Optional[str] = ..., state_reason: _Optional[str] = ..., state_since_ms: _Optional[int] = ...) -> None: ...
 
 class FailureReport(_message.Message):
     __slots__ = ("model_id", "deployment_id", "reason", "message", "consecutive_failures", "consecutive_timeouts")

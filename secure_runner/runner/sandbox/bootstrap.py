@@ -2,6 +2,10 @@
 
 `apply` runs in the worker bootstrap (a fresh `python -I` process, still root,
 single-threaded) and returns one `LayerResult` per layer of `policy.LAYERS`.
+The namespaces layer forks: the layers after it, and `apply`'s return, happen
+in the child (pid 1 of the new PID namespace); the process the runner started
+only waits for it there (see `namespaces`). `Plan.host_pid` keeps the pid the
+runner knows, for the worker's uid and scratch folder.
 A layer that cannot be applied is reported with the reason; if it is
 required, the worker refuses to load code (`SandboxPolicy.refusal`). Each layer has
 its own module; none imports grpc, smp, transport or anything holding a key.
@@ -43,18 +47,20 @@ class Plan:
     cgroup_procs: list[str]
     cgroup_error: str
     protocol_fds: tuple[int, int]
+    host_pid: int = field(init=False)  # the pid the runner knows (the waiter's, once the PID namespace exists)
     uid: int = field(init=False)
     tmp: str = "/tmp"
     read_only: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
+        self.host_pid = os.getpid()
         self.uid = identity.worker_uid(self.policy.uid_base)
         self.read_only = filesystem.minimal([*filesystem.python_paths(), self.submission, *self.base_paths])
 
 
 def _scratch(plan: Plan) -> str:
     """Without the filesystem layer: a private temp dir on the host (the runner removes it)."""
-    path = scratch_dir(os.getpid())
+    path = scratch_dir(plan.host_pid)
     os.mkdir(path, 0o700)
     with contextlib.suppress(OSError):  # without the right to chown, the uid layer fails too
         os.chown(path, plan.uid, plan.uid)
@@ -70,7 +76,13 @@ def _steps(plan: Plan, done: Callable[[str], bool]) -> list[tuple[str, Callable[
         return run
 
     def filesystem_step() -> str:
-        return filesystem.apply(plan.read_only, plan.limits.tmp_bytes, plan.uid)
+        return filesystem.apply(plan.read_only, plan.limits.tmp_bytes, plan.uid, plan.limits.memory_bytes)
+
+    def uid_step() -> str:
+        detail = identity.drop_uid(plan.uid, plan.read_only, done("filesystem"))
+        if done("namespaces"):
+            namespaces.die_with_the_waiter()  # changing credentials cleared the parent-death signal
+        return detail
 
     def landlock_step() -> str:
         if landlock is None:
@@ -88,7 +100,7 @@ def _steps(plan: Plan, done: Callable[[str], bool]) -> list[tuple[str, Callable[
         ("rlimits", lambda: limits.apply(plan.limits)),
         ("namespaces", namespaces.apply),
         ("filesystem", needs("namespaces", filesystem_step)),
-        ("uid", lambda: identity.drop_uid(plan.uid, plan.read_only, done("filesystem"))),
+        ("uid", uid_step),
         ("no_new_privs", identity.no_new_privs),
         ("landlock", needs("no_new_privs", landlock_step)),
         ("seccomp", seccomp_step),
@@ -126,8 +138,9 @@ def apply(plan: Plan) -> list[LayerResult]:
 
 def verify(plan: Plan, layers: list[LayerResult]) -> list[LayerResult]:
     """sandbox-check: test from inside that each active layer really holds."""
+    in_pid_namespace = any(r.name == "namespaces" and r.active for r in layers)
     checks: dict[str, Callable[[], str]] = {
-        "environment": lambda: environment.verify(plan.protocol_fds) and "still clean after every layer",
+        "environment": lambda: environment.verify(plan.protocol_fds, in_pid_namespace) and "still clean after every layer",
         "cgroup": lambda: "the runner found the worker in it",
         "rlimits": lambda: limits.verify(plan.limits),
         "namespaces": namespaces.verify,

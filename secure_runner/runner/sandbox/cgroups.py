@@ -1,5 +1,13 @@
 """Layer 2: a cgroup per worker with memory, pids and (if present) CPU limits.
 
+CPU: every worker's cgroup gets the same weight (v1 cpu.shares, v2
+cpu.weight) under its runner's cgroup, so under contention CFS splits the
+CPU between the workers of a node equally, whatever number of threads or
+processes each runs (a model spinning 30 threads gets what a one-thread
+neighbour gets), and on top a quota (cpu_cores) caps each worker even on an
+idle machine. All workers of a runner together weigh as one task of the
+runner's own cgroup, so the runner's threads keep their turn too.
+
 The runner (as root) makes one cgroup per worker under its own cgroup, writes
 the limits and gives the worker the `cgroup.procs` files to join; the worker
 joins as its first act, before any submission code exists. cgroup v1 (one
@@ -25,6 +33,9 @@ from pathlib import Path
 from secure_runner.runner.sandbox.policy import WorkerLimits
 
 CPU_PERIOD_US = 100_000
+# The same weight for every worker (the kernels' default values, written so that it never depends on them).
+CPU_SHARES_V1 = 1024
+CPU_WEIGHT_V2 = 100
 REQUIRED = ("memory", "pids")
 OPTIONAL = ("cpu",)
 RUNNER_DIR_PREFIX = "secure-runner."
@@ -130,6 +141,8 @@ def _limits(hierarchy: Hierarchy, directory: Path, limits: WorkerLimits) -> None
                 _write(directory / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
         if "pids" in names:
             _write(directory / "pids.max", str(limits.pids))
+        if "cpu" in names:
+            _write(directory / "cpu.shares", str(CPU_SHARES_V1))
         if "cpu" in names and limits.cpu_cores > 0:
             _write(directory / "cpu.cfs_period_us", str(CPU_PERIOD_US))
             _write(directory / "cpu.cfs_quota_us", str(int(limits.cpu_cores * CPU_PERIOD_US)))
@@ -140,6 +153,8 @@ def _limits(hierarchy: Hierarchy, directory: Path, limits: WorkerLimits) -> None
             _write(directory / "memory.swap.max", "0")
     if "pids" in names:
         _write(directory / "pids.max", str(limits.pids))
+    if "cpu" in names:
+        _write(directory / "cpu.weight", str(CPU_WEIGHT_V2))
     if "cpu" in names and limits.cpu_cores > 0:
         _write(directory / "cpu.max", f"{int(limits.cpu_cores * CPU_PERIOD_US)} {CPU_PERIOD_US}")
 

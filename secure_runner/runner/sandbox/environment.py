@@ -40,15 +40,16 @@ def open_descriptors() -> set[int]:
     return fds
 
 
-def verify(protocol_fds: tuple[int, int]) -> str:
+def verify(protocol_fds: tuple[int, int], leader_outside: bool = False) -> str:
+    """`leader_outside`: in its PID namespace, the session's leader (the waiter) is outside, seen as pid 0."""
     extra = sorted(set(os.environ) - set(WORKER_ENV) - set(PASSED_ENV) - set(SANDBOX_ENV) - {"LC_CTYPE"})
     if extra:
         raise OSError(f"unexpected environment variables: {', '.join(extra)}")
     fds = open_descriptors() - {0, 1, 2, *protocol_fds}
     if fds:
         raise OSError(f"inherited descriptors: {sorted(fds)}")
-    if os.getsid(0) != os.getpid():
-        raise OSError("not the leader of its own session")
+    if os.getsid(0) != (0 if leader_outside else os.getpid()):
+        raise OSError("not in the session the runner made for it")
     return f"{len(os.environ)} fixed variables, descriptors 0-2 and the protocol pipes only, own session"
 
 

@@ -2,7 +2,11 @@
 
 Filesystem: read (and execute) only the read-only trees and a few files,
 read-write only the private /tmp and /dev/null, nothing else, even for paths
-the uid could otherwise open. Network (ABI >= 4): no TCP bind or connect at
+the uid could otherwise open. In its own /proc/<pid> the worker may list
+everything but read only the entries that describe itself, not those that
+describe its mounts (mountinfo, mounts, mountstats: they name host paths,
+devices and filesystem options) nor those under task/ (each thread's copy of
+them). Network (ABI >= 4): no TCP bind or connect at
 all. Scopes (ABI >= 6): no abstract unix socket and no signal outside the
 worker's own domain. Rights the running kernel lacks are reported, not
 silently dropped.
@@ -22,7 +26,9 @@ READ_FILE = AccessFS.READ_FILE | AccessFS.EXECUTE
 DEVICE = AccessFS.READ_FILE | AccessFS.WRITE_FILE
 # What the new root holds besides the read-only trees (filesystem.py), so both lists change together.
 HOST_FILES = (*filesystem.ETC_FILES, "/etc/passwd", "/etc/group", "/etc/hosts", "/etc/nsswitch.conf",
-              "/proc/cpuinfo", "/proc/meminfo", "/proc/stat")
+              "/proc/cpuinfo", *filesystem.PROC_MASKS)
+# Entries of /proc/<pid> that stay unreadable: they show the mounts (host paths, disks), or hold them per thread.
+PROC_PRIVATE = ("mountinfo", "mounts", "mountstats", "task")
 DEVICES = tuple(f"/dev/{name}" for name in filesystem.DEVICES)
 TCP = AccessNet.BIND_TCP | AccessNet.CONNECT_TCP
 SCOPES = Scope.ABSTRACT_UNIX_SOCKET | Scope.SIGNAL
@@ -39,6 +45,19 @@ def _kernel_abi() -> int | str:
 KERNEL_ABI = _kernel_abi()
 
 
+def _allow_own_proc(ruleset: landlockpy.Ruleset) -> None:
+    """List /proc/self; read its entries but PROC_PRIVATE. Links are skipped (a rule follows them: root is /).
+
+    Named as the mounted procfs names this process (not getpid(): without the filesystem layer
+    /proc is the host's, where pid 1 is the host's init, not this worker)."""
+    own = f"/proc/{os.readlink('/proc/self')}"
+    ruleset.allow_path(own, AccessFS.READ_DIR)
+    for name in os.listdir(own):
+        path = f"{own}/{name}"
+        if name not in PROC_PRIVATE and not os.path.islink(path):
+            ruleset.allow_path(path, READ_DIR if os.path.isdir(path) else AccessFS.READ_FILE)
+
+
 def apply(read_only: list[str], writable: str) -> str:
     if isinstance(KERNEL_ABI, str):
         raise OSError(f"Landlock unavailable: {KERNEL_ABI}")
@@ -48,9 +67,10 @@ def apply(read_only: list[str], writable: str) -> str:
     with landlockpy.Ruleset(handled_fs=handled_fs, handled_net=TCP, scoped=SCOPES) as ruleset:
         for path in read_only:
             ruleset.allow_path(path, READ_DIR if os.path.isdir(path) else READ_FILE)
-        for path in (*HOST_FILES, f"/proc/{os.getpid()}"):
+        for path in HOST_FILES:
             if os.path.exists(path):
                 ruleset.allow_path(path, READ_DIR if os.path.isdir(path) else READ_FILE)
+        _allow_own_proc(ruleset)
         for path in DEVICES:
             if os.path.exists(path):
                 ruleset.allow_path(path, DEVICE)
@@ -70,5 +90,11 @@ def verify(read_only: list[str]) -> str:
     try:
         os.listdir(outside)
     except PermissionError:
-        return "listing / is refused"
-    raise OSError("listing / is still allowed")
+        pass
+    else:
+        raise OSError("listing / is still allowed")
+    try:
+        open("/proc/self/mountinfo").close()
+    except PermissionError:
+        return "listing / and reading /proc/self/mountinfo are refused"
+    raise OSError("/proc/self/mountinfo is readable")

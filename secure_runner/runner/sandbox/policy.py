@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 # In the order the worker applies them (DESIGN.md section 4).
 LAYERS = (
     "environment",   # clean env, no inherited descriptors, new session (set up by the runner, verified here)
-    "cgroup",        # memory, pids (and cpu quota where the cpu controller is present)
+    "cgroup",        # memory, pids (and cpu quota and equal weight where the cpu controller is present)
     "rlimits",       # CPU seconds, address space, open files, processes, file size, core 0
-    "namespaces",    # network (only its own lo), IPC, UTS, mount, cgroup
-    "filesystem",    # new root: read-only binds of what Python needs, the submission, base paths; private /tmp
+    "namespaces",    # PID (the worker forks to become pid 1), network (only its own lo), IPC, UTS, mount, cgroup
+    "filesystem",    # new root: read-only binds of what Python needs, the submission, base paths; private /tmp, masked /proc
     "uid",           # a per-worker unprivileged uid/gid, no supplementary groups, empty capability bounding set
     "no_new_privs",  # setuid/file capabilities give nothing
     "landlock",      # read-only allowlist, writable /tmp, no TCP, no abstract sockets or signals outside
-    "seccomp",       # deny-list: ptrace, mount, namespaces, kernel keyring, bpf, non-unix sockets, ...
+    "seccomp",       # deny-list: ptrace, mount, namespaces, kernel keyring, bpf, inotify, all but socket pairs, ...
 )
 
 

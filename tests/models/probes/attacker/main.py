@@ -37,6 +37,66 @@ def dns(name):
     return socket.getaddrinfo(name, 80)[0][4][0]
 
 
+def unix_path(path):
+    """Connect to a pathname unix socket the host placed in a tree bound into the sandbox."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(2)
+        conn.connect(path)
+        conn.sendall(b"hello from the sandbox")
+    return "connected"
+
+
+def unix_path_datagram(path, kind):
+    """Send to a pathname datagram socket without connect(): from a socket pair of `kind`
+    (SOCK_DGRAM, or SOCK_RAW: a unix socket makes it a datagram one), with sendto() or sendmsg()."""
+    mine, _other = socket.socketpair(socket.AF_UNIX, getattr(socket, kind))
+    with mine, _other:
+        mine.sendmsg([b"hello from the sandbox"], [], 0, path)
+        return mine.sendto(b"hello again", path)
+
+
+def inotify():
+    """Watch the shared read-only trees for what other workers open."""
+    fd = _errno_result(libc.inotify_init1(0))
+    os.close(fd)
+    return "watching"
+
+
+def _outcome(action):
+    try:
+        result = action()
+    except OSError as exc:
+        return type(exc).__name__
+    return "allowed" if result is None else f"allowed: {result}"
+
+
+def pid_view(runner_pid):
+    """What the worker can learn about (and do to) processes outside its own."""
+    alive = [pid for pid in range(1, 1 << 16) if _outcome(lambda pid=pid: os.kill(pid, 0)) != "ProcessLookupError"]
+    return {
+        "ppid": os.getppid(),
+        "signal_runner": _outcome(lambda: os.kill(runner_pid, 0)),
+        "pidfd_runner": _outcome(lambda: os.close(os.pidfd_open(runner_pid))),
+        "visible_pids": len(alive),
+    }
+
+
+def proc_files(*paths):
+    """Each file's text, or the error that stopped reading it."""
+    found = {}
+    for path in paths:
+        try:
+            with open(path) as handle:
+                found[path] = handle.read()
+        except OSError as exc:
+            found[path] = f"{type(exc).__name__}"
+    return found
+
+
+def listdir(path):
+    return sorted(os.listdir(path))
+
+
 def abstract_unix(name):
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(2)
@@ -56,21 +116,17 @@ def write(path):
     return "written"
 
 
-def parent_environ():
-    return read(f"/proc/{os.getppid()}/environ")
-
-
 def exec_setuid(path):
     return subprocess.run([path, "-u"], capture_output=True, text=True, timeout=10).stdout.strip()
 
 
-def signal_parent():
-    os.kill(os.getppid(), signal.SIGTERM)
+def signal_runner(runner_pid):
+    os.kill(runner_pid, signal.SIGTERM)
     return "signalled"
 
 
-def ptrace_parent():
-    return _errno_result(libc.ptrace(PTRACE_ATTACH, os.getppid(), None, None))
+def ptrace_runner(runner_pid):
+    return _errno_result(libc.ptrace(PTRACE_ATTACH, runner_pid, None, None))
 
 
 def user_namespace():

@@ -1,6 +1,8 @@
-"""A benign submission using numpy, threads, asyncio and its temp folder: all must work in the sandbox."""
+"""A benign submission using numpy, threads, asyncio, a multiprocessing pipe (a socket pair) and its
+temp folder: all must work in the sandbox."""
 
 import asyncio
+import multiprocessing
 import tempfile
 import threading
 
@@ -18,10 +20,11 @@ class LinearModel(GameBase):
         matrix = np.array(value["matrix"], dtype=np.float64)
         vector = np.array(value["vector"], dtype=np.float64)
         solved = np.linalg.solve(matrix, vector)
-        results = []
-        worker = threading.Thread(target=lambda: results.append(float(np.dot(vector, vector))))
+        receiving, sending = multiprocessing.Pipe()
+        worker = threading.Thread(target=lambda: sending.send(float(np.dot(vector, vector))))
         worker.start()
         worker.join()
+        results = [receiving.recv()]
         with tempfile.NamedTemporaryFile() as scratch:
             np.save(scratch, solved)
             scratch.seek(0)

@@ -1,0 +1,3 @@
+"""Poses as the standard library's csv module."""
+
+SHADOWED = True

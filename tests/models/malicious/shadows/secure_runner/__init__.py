@@ -1,0 +1,3 @@
+"""Poses as the project's package."""
+
+SHADOWED = True
