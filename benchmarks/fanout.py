@@ -242,7 +242,7 @@ async def run_ours(n: int, rounds: int, tmp: Path, models_per_node: int | None) 
     command = [
         sys.executable, "-m", "secure_runner.cli", "orchestrator", "--crunch", CRUNCH,
         "--submissions", str(submissions), "--pki", str(layout.root), "--base-path", str(BASE),
-        "--log-level", "ERROR",
+        "--log-level", "ERROR", "--port", "0", "--stop-models-on-exit",
     ]
     if models_per_node is not None:
         command += ["--models-per-node", str(models_per_node)]

@@ -114,7 +114,7 @@ async def run_ours(n: int, payloads: list[Payload], tmp: Path) -> dict[str, dict
     orchestrator = subprocess.Popen(
         [sys.executable, "-m", "secure_runner.cli", "orchestrator", "--crunch", CRUNCH,
          "--submissions", str(folder / "submissions"), "--pki", str(layout.root),
-         "--base-path", str(ref.MODEL_BASE), "--log-level", "ERROR"],
+         "--base-path", str(ref.MODEL_BASE), "--log-level", "ERROR", "--port", "0", "--stop-models-on-exit"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     client = None

@@ -43,6 +43,8 @@ def orchestrator(layout, tmp_path_factory):
             "--pki", str(private),
             "--base-path", str(BASE_PATH),
             "--log-level", "WARNING",
+            "--stop-models-on-exit",  # its runners end with the module
+            "--port", "0",
         ],
         stdout=subprocess.PIPE,
         text=True,
