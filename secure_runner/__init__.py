@@ -26,6 +26,11 @@ from typing import TYPE_CHECKING
 _TLS13_CIPHERS = "PSK-AES128-CBC-SHA"
 TLS13_ONLY = "grpc" not in sys.modules or os.environ.get("GRPC_SSL_CIPHER_SUITES") == _TLS13_CIPHERS
 os.putenv("GRPC_SSL_CIPHER_SUITES", _TLS13_CIPHERS)
+# grpc's documented default verbosity is ERROR, but its core prints INFO lines (every refused
+# handshake, the start-up self-check's included) unless told: keep operators' output to errors
+# unless they ask for more.
+if "GRPC_VERBOSITY" not in os.environ:
+    os.putenv("GRPC_VERBOSITY", "ERROR")
 
 _EXPORTS = {
     "DynamicSubclassModelConcurrentRunner": "secure_runner.client.concurrent_runner",

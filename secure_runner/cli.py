@@ -12,6 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
+from secure_runner import log_format
 from secure_runner.errors import SecureRunnerError
 
 LOG_FILE_BYTES = 8 << 20  # a runner's log file is rotated at this size (one old file kept): a model's output is bounded
@@ -26,6 +27,11 @@ def _model_arg(value: str) -> tuple[str, Path]:
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
+    parser.add_argument(
+        "--log-format", default="text", choices=["text", "json"],
+        help="json: one JSON object per line (time, level, logger, message; model, node, deployment, reason "
+        "where they apply); default text",
+    )
 
 
 async def _serve_until_signalled(make_server, make_control=None) -> None:
@@ -125,6 +131,7 @@ def _orchestrator(args: argparse.Namespace) -> int:
         stop_models_on_exit=args.stop_models_on_exit,
         models_per_node=args.models_per_node or (1 if args.backend == "kubernetes" else 0),  # a Pod per model
         credentials_mode=args.credentials,
+        runner_log_format=args.log_format,
     )
     launcher = None  # the default: local runner processes
     if args.backend == "kubernetes":
@@ -305,8 +312,12 @@ def main(argv: list[str] | None = None) -> int:
         return operator_cli.main(argv[1:])
     args = build_parser().parse_args(argv)
     log_file = getattr(args, "log_file", None)
-    handlers = [logging.handlers.RotatingFileHandler(log_file, maxBytes=LOG_FILE_BYTES, backupCount=1)] if log_file else None
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers)
+    handler = (
+        logging.handlers.RotatingFileHandler(log_file, maxBytes=LOG_FILE_BYTES, backupCount=1)
+        if log_file else logging.StreamHandler()
+    )
+    handler.setFormatter(log_format.formatter(args.log_format))
+    logging.basicConfig(level=args.log_level, handlers=[handler])
     try:
         return args.func(args)
     except SecureRunnerError as exc:

@@ -4,7 +4,8 @@ Every refusal the system makes, to a coordinator, a runner or a model, is one of
 these. The `code` is part of the public contract: it travels in gRPC trailing
 metadata (`sr-reason`) and in result objects, tests assert on it, and it never
 changes meaning once released. Messages are for humans and may change; they
-never contain a traceback.
+never contain a traceback. Every code has a row in `secure_runner/error_table.py` (its
+gRPC status, whose fault it is, whether it restarts a worker): add one with a new code.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class ErrorCode(StrEnum):
     AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"
     RPC_UNIMPLEMENTED = "RPC_UNIMPLEMENTED"  # a method this server does not have (audited by the peer gate)
 
-    # Seen by the client (see secure_runner/client/results.py for which side each reason blames).
+    # Seen by the client (secure_runner/error_table.py says which side each reason blames).
     UNREACHABLE = "UNREACHABLE"  # the runner cannot be reached, or the model is still (re)connecting
     COOLING_DOWN = "COOLING_DOWN"  # skipped: the model's worker is restarting after a fault
     MODEL_UNAVAILABLE = "MODEL_UNAVAILABLE"  # a model id asked for that is not running now

@@ -311,9 +311,10 @@ async def test_stream_flood_is_refused_and_the_runner_keeps_serving(layout, fres
     refusals = [e for e in runner.audit_entries() if e["who"] == PeerIdentity.make(CRUNCH, Role.RUNNER, "counter").spiffe_id]
     assert {e["code"] for e in refusals} == {ErrorCode.PEER_UNAUTHENTICATED}
     assert len(refusals) < 20  # counted lines, not one per refusal
-    # Every refusal counted (a big request refused while still being sent may reach its sender as UNAVAILABLE).
+    # Every refusal counted, none twice (a request refused while still being sent may reach its
+    # sender as UNAVAILABLE or, under load, UNIMPLEMENTED, so only the total bounds it from above).
     audited = sum(int(e["what"].get("repeats", "1")) for e in refusals)
-    assert codes[grpc.StatusCode.UNAUTHENTICATED] <= audited <= sum(codes.values()) - codes[grpc.StatusCode.UNIMPLEMENTED]
+    assert codes[grpc.StatusCode.UNAUTHENTICATED] <= audited <= sum(codes.values())
     await owner.close()
 
 

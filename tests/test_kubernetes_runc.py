@@ -8,8 +8,9 @@ a read-only root, the project's seccomp profile (deploy/seccomp/secure-runner.js
 the Secret's TLS files (0440, group fsGroup), the registry and the submissions read-only,
 emptyDirs for /tmp and the state folder; its own network namespace reached from the host
 over a veth pair (as a CNI plugin would). The image is stood in for by read-only binds
-of this host's Python and checkout (what deploy/Containerfile installs); the sandbox
-layers missing in a Pod are allowed as the pod profile says (README).
+of this host's Python and checkout (what deploy/Containerfile installs); the Pod's
+args start the runner with `--profile pod` (no `--allow-missing-layer`), and its log
+names the four layers the Pod provides instead.
 
 A real coordinator client then fans out to it from the host with mTLS and signed
 tokens through an orchestrator's model list: calls succeed; a model trying to connect
@@ -53,8 +54,8 @@ REPO = TESTS.parent
 PROFILE = REPO / "deploy" / "seccomp" / "secure-runner.json"
 MODEL = "alpha"
 HOST_IP, POD_IP = "10.231.0.1", "10.231.0.2"
-# What a runner in a Pod cannot apply to its workers, unprivileged (the pod profile: README).
-POD_PROFILE_MISSING = ["cgroup", "namespaces", "filesystem", "uid"]
+# What a runner in a Pod cannot apply to its workers, unprivileged: the Pod provides them (sandbox/policy.py).
+POD_PROVIDED = ["cgroup", "namespaces", "filesystem", "uid"]
 PROBE = """def echo(self, value):
         if isinstance(value, dict) and "connect" in value:
             import socket
@@ -105,8 +106,6 @@ def oci_config(pod: dict, rootfs: Path, binds: dict[str, Path], netns: Path) -> 
         {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777"]},
         {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
     ]
-    for path in ("/usr", "/etc/ld.so.cache", str(Path(sys.base_prefix)), str(REPO)):  # the image, stood in for
-        mounts.append({"destination": path, "type": "bind", "source": path, "options": ["rbind", "ro", "nosuid"]})
     for mount in container["volumeMounts"]:  # the Pod's volumes, where it mounts them
         volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
         if "emptyDir" in volume:  # the kubelet's emptyDir: a fresh host folder, mode 0777, bound in
@@ -119,6 +118,10 @@ def oci_config(pod: dict, rootfs: Path, binds: dict[str, Path], netns: Path) -> 
             assert mount["readOnly"] is True
             mounts.append({"destination": mount["mountPath"], "type": "bind", "source": str(binds[mount["name"]]),
                            "options": ["rbind", "ro", "nosuid", "nodev"]})
+    # The image, stood in for by the host's own files, bound last: a checkout under /tmp (as CI's
+    # may be) must not be hidden by the Pod's /tmp volume.
+    for path in ("/usr", "/etc/ld.so.cache", str(Path(sys.base_prefix)), str(REPO)):
+        mounts.append({"destination": path, "type": "bind", "source": path, "options": ["rbind", "ro", "nosuid"]})
     return {
         "ociVersion": "1.0.2",
         "root": {"path": str(rootfs), "readonly": True},
@@ -193,7 +196,6 @@ async def test_runner_in_a_runc_container_with_the_pods_settings(tmp_path, runc_
     settings = k8s.KubernetesSettings(
         namespace="ns", image="stand-in", submissions_claim="subs", cpu="1", memory="1Gi",
         seccomp_profile="Localhost:secure-runner.json", base_paths=[str(BASE_PATH)],
-        allow_missing_layers=POD_PROFILE_MISSING,
     )
     spec = RunnerSpec(MODEL, f"{MODEL}-0000", {MODEL: submissions / MODEL})
     pod = k8s.runner_pod(settings, CRUNCH, spec)
@@ -225,6 +227,10 @@ async def test_runner_in_a_runc_container_with_the_pods_settings(tmp_path, runc_
             probe = subprocess.run(["runc", "exec", container_id, str(REPO / ".venv" / "bin" / "python"), "-c",
                                     CONTAINER_PROBE], capture_output=True, text=True, timeout=60)
             assert probe.returncode == 0, probe.stderr
+            runner_log = (tmp_path / "runner.log").read_text()
+            for layer in POD_PROVIDED:
+                assert f"sandbox layer {layer} is provided by the Pod (profile pod)" in runner_log, runner_log[-3000:]
+            assert "MISSING" not in runner_log, runner_log[-3000:]
             assert json.loads(probe.stdout) == {
                 "uid": uid, "capabilities": ["0000000000000000"] * 5, "no_new_privs": "1", "root_read_only": True,
                 "unshare(CLONE_NEWUSER)": EPERM, "mount": EPERM, "ptrace": EPERM, "io_uring_setup": EPERM, "bpf": EPERM,

@@ -3,8 +3,8 @@
 Every targeted model gets exactly one result per call, whatever happened. Its
 `status` is SUCCESS, FAILURE or TIMEOUT; anything but SUCCESS carries a stable
 `reason` code (`secure_runner.errors.ErrorCode`) and a one-line `message`. The
-reason says whose fault the outcome is (`CallResult.fault`), and only the
-model's own faults count toward disconnecting it:
+reason says whose fault the outcome is (`CallResult.fault`, from the reason's row in
+secure_runner/error_table.py), and only the model's own faults count toward disconnecting it:
 
 - SUCCESS (fault NONE, reason empty): resets both counters.
 - TIMEOUT, fault MODEL, counts toward `max_consecutive_timeouts`:
@@ -68,6 +68,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from secure_runner.error_table import ERROR_TABLE, Fault
 from secure_runner.errors import ErrorCode
 
 
@@ -77,43 +78,13 @@ class CallStatus(StrEnum):
     TIMEOUT = "TIMEOUT"
 
 
-class Fault(StrEnum):
-    """Whose doing an outcome is (see the module docstring for every reason)."""
-
-    NONE = "NONE"
-    MODEL = "MODEL"
-    INFRASTRUCTURE = "INFRASTRUCTURE"
-
-
 # FAILURE reasons that are the model's own doing; only these count toward max_consecutive_failures.
+# (MODEL_TIMEOUT is the model's fault too, counted as a TIMEOUT by its status.)
 MODEL_FAULTS = frozenset(
-    {
-        ErrorCode.MODEL_RAISED,
-        ErrorCode.MODEL_OUTPUT_INVALID,
-        ErrorCode.MODEL_OUTPUT_TOO_LARGE,
-        ErrorCode.WORKER_CRASHED,
-        ErrorCode.WORKER_PROTOCOL,
-        ErrorCode.MEMORY_LIMIT,
-        ErrorCode.CPU_LIMIT,
-        ErrorCode.SETUP_NO_CANDIDATE,
-        ErrorCode.SETUP_MANY_CANDIDATES,
-        ErrorCode.SETUP_IMPORT_FAILED,
-        ErrorCode.SETUP_CONSTRUCTOR_FAILED,
-    }
+    code for code, spec in ERROR_TABLE.items() if spec.fault is Fault.MODEL and code is not ErrorCode.MODEL_TIMEOUT
 )
 # Outcomes after which the runner replaces the model's worker: the model cools down until it serves again.
-RESTARTING_FAULTS = frozenset(
-    {
-        ErrorCode.MODEL_RESTARTING,
-        ErrorCode.MODEL_TIMEOUT,
-        ErrorCode.WORKER_STARVED,
-        ErrorCode.MODEL_OUTPUT_TOO_LARGE,
-        ErrorCode.WORKER_CRASHED,
-        ErrorCode.WORKER_PROTOCOL,
-        ErrorCode.MEMORY_LIMIT,
-        ErrorCode.CPU_LIMIT,
-    }
-)
+RESTARTING_FAULTS = frozenset(code for code, spec in ERROR_TABLE.items() if spec.restarts_worker)
 
 
 def fault_of(status: CallStatus, reason: str) -> Fault:

@@ -99,7 +99,7 @@ class KubernetesSettings(BaseModel):
     restart_window_seconds: float = Field(600.0, gt=0)
     ready_timeout_seconds: float = Field(120.0, gt=0)  # image pull and start included
     base_paths: list[str] = []  # folders inside the image holding the game's base class
-    allow_missing_layers: list[str] = []  # sandbox layers a Pod cannot apply (the pod profile: README)
+    allow_missing_layers: list[str] = []  # layers a Pod may lack beyond the pod profile's (README)
 
 
 def _names(crunch_id: str, deployment: str) -> str:
@@ -140,6 +140,7 @@ def runner_pod(settings: KubernetesSettings, crunch_id: str, spec: RunnerSpec) -
         "--registry", f"{REGISTRY_DIR}/registry.json",
         "--host", "0.0.0.0", "--port", str(settings.port),  # the Pod's own network namespace
         "--audit-log", f"{STATE_DIR}/audit.jsonl",
+        "--profile", "pod",  # unprivileged: the Pod provides the layers needing privileges (sandbox/policy.py)
     ]
     for model_id, path in spec.models.items():
         args += ["--model", f"{model_id}={SUBMISSIONS_DIR}/{path.name}"]

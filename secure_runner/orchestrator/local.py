@@ -56,6 +56,7 @@ from pathlib import Path
 from secure_runner import pki
 from secure_runner.backoff import doubling_delay
 from secure_runner.errors import ErrorCode
+from secure_runner.log_format import log_fields
 from secure_runner.orchestrator.credentials import CredentialsMode, RunnerCredentials, credentials_for
 from secure_runner.orchestrator.launcher import (
     FAILING_STATES, UP_STATES, Launcher, LauncherError, ModelStatus, Runner, RunnerSpec,
@@ -84,6 +85,7 @@ class LocalOrchestratorSettings:
     port: int = 0  # 0: any free port (the CLI's default is DEFAULT_PORT)
     runner_start_timeout: float = 30.0
     runner_log_level: str = "INFO"  # INFO: the log file holds what workers write (`secure-runner models logs`)
+    runner_log_format: str = "text"  # or "json": the runners' log files in the orchestrator's own --log-format
     audit_dir: Path | None = None  # default: an `audit` folder beside the PKI folder
     state_dir: Path | None = None  # default: a `state` folder beside the PKI folder (store, sockets, logs)
     # Stop every runner when the orchestrator is stopped on purpose; False leaves them serving, to be
@@ -255,7 +257,8 @@ class LocalOrchestrator:
                 if node.stopping or node.restart:
                     log.info("runner of node %s (%s) stopped: %s", node.node_id, runner.address, ended)
                 else:
-                    log.warning("runner of node %s (%s) ended: %s", node.node_id, runner.address, ended)
+                    log.warning("runner of node %s (%s) ended: %s", node.node_id, runner.address, ended,
+                                extra=log_fields(node=node.node_id, reason=ErrorCode.RUNNER_FAILED))
                     for record in node.models.values():
                         record.fail(ErrorCode.RUNNER_FAILED, f"runner ended: {ended}")
                 if time.monotonic() - up_since >= self.settings.stable_seconds:
@@ -342,7 +345,8 @@ class LocalOrchestrator:
             record.info = infos[model_id]
             await self._announce(record, State.MODEL_STATE_RUNNING, "")
             log.info("started model %s on node %s at %s, deployment %s", model_id, node.node_id, runner.address,
-                     record.info.deployment_id)
+                     record.info.deployment_id,
+                     extra=log_fields(model=model_id, node=node.node_id, deployment=record.info.deployment_id))
         return runner
 
     async def _watch(self, node: _Node, runner: Runner) -> str:
@@ -379,7 +383,9 @@ class LocalOrchestrator:
                 record.fail(status.code, status.message)
                 log.warning("model %s on node %s at %s, deployment %s, cannot come up: %s: %s", model_id,
                             node.node_id, record.info.address, record.info.deployment_id, status.code,
-                            status.message[:200])
+                            status.message[:200], extra=log_fields(model=model_id, node=node.node_id,
+                                                                   deployment=record.info.deployment_id,
+                                                                   reason=status.code))
                 await self._announce(record, State.MODEL_STATE_RECOVERING, f"{status.code}: {status.message}",
                                      since_ms=status.since_ms)
 
@@ -424,7 +430,8 @@ class LocalOrchestrator:
             node.stopping = True
         await self._announce(record, State.MODEL_STATE_STOPPED, why)
         log.info("stopped model %s on node %s at %s, deployment %s (%s)", model_id, node.node_id, record.info.address,
-                 record.info.deployment_id, why)
+                 record.info.deployment_id, why,
+                 extra=log_fields(model=model_id, node=node.node_id, deployment=record.info.deployment_id))
         if last:
             await runner.stop(STOP_GRACE_SECONDS)
             node.handle = {}

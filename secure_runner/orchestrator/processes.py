@@ -186,6 +186,7 @@ class ProcessLauncher:
             "--host", s.host,
             "--port", "0",
             "--log-level", s.runner_log_level,
+            "--log-format", s.runner_log_format,
             "--log-file", str(self.log_file(spec.node_id)),
             "--audit-log", str(s.audit_folder / f"runner-{spec.node_id}.jsonl"),
             "--control-socket", str(socket_path),

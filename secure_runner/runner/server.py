@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import BaseModel, ConfigDict
 
 from secure_runner.errors import ConfigError, ErrorCode, RequestError, SecureRunnerError
+from secure_runner.log_format import log_fields
 from secure_runner.runner.supervisor import ModelHost, ModelStatus, WorkerCall, WorkerGone, failure_response
 from secure_runner.runner.sandbox.policy import SandboxPolicy
 from secure_runner.runner.worker import WorkerLimits
@@ -301,7 +302,8 @@ class RunnerServer:
         if failed and len(failed) == len(hosts):
             raise failed[0][1]
         for host, error in failed:
-            log.error("model %s could not start (%s); it retries with backoff, its node-mates serve", host.model_id, error)
+            log.error("model %s could not start (%s); it retries with backoff, its node-mates serve", host.model_id, error,
+                      extra=log_fields(model=host.model_id, node=self.settings.node_id, reason=error.code))
             host.keep_starting()
 
     async def start(self) -> int:

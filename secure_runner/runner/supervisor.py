@@ -456,6 +456,9 @@ def log_layers(model_id: str, layers: list[LayerResult], policy: SandboxPolicy) 
     for layer in layers:
         if layer.active:
             log.info("model %s: sandbox layer %s: %s", model_id, layer.name, layer.detail)
+        elif policy.provided_by(layer.name):  # the pod profile: not the runner's to apply
+            log.info("model %s: sandbox layer %s is provided by the Pod (profile %s): %s; not applied here: %s",
+                     model_id, layer.name, policy.profile, policy.provided_by(layer.name), layer.detail)
         else:
             allowed = " (allowed by --allow-missing-layer)" if not policy.required(layer.name) else ""
             log.warning("model %s: sandbox layer %s is MISSING%s: %s", model_id, layer.name, allowed, layer.detail)

@@ -81,7 +81,7 @@ class WorkerConfig:
             data["parent_pid"],
             data["base_paths"],
             WorkerLimits(**data["limits"]),
-            SandboxPolicy(tuple(policy["allow_missing"]), policy["uid_base"], policy["check_only"]),
+            SandboxPolicy(tuple(policy["allow_missing"]), policy["uid_base"], policy["check_only"], policy["profile"]),
             data["cgroup_procs"],
             data["cgroup_error"],
         )

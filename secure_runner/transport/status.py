@@ -1,57 +1,46 @@
 """How typed errors travel over gRPC: a status code plus a stable reason code.
 
-The reason code is sent as trailing metadata `sr-reason` and as the prefix of
-the status details ("CODE: message"). Nothing else about an error, and never a
-traceback, crosses the wire.
+The status is the code's row in secure_runner/error_table.py. The reason code is sent
+three ways: as trailing metadata `sr-reason`, as the prefix of the status details
+("CODE: message", at most MAX_DETAILS_CHARS), and as gRPC's rich error model
+(`grpc-status-details-bin`: a `google.rpc.Status` holding one `google.rpc.ErrorInfo`
+with the code as `reason`, ERROR_DOMAIN as `domain`, and the code's fault from the
+table as its only metadata), so grpcurl and other languages' clients read it without
+this project's code. Nothing else about an error, and never a traceback, crosses the wire.
 """
 
 from __future__ import annotations
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
+from secure_runner.error_table import spec_of
 from secure_runner.errors import ErrorCode, SecureRunnerError
 
 REASON_KEY = "sr-reason"
 TOKEN_KEY = "sr-token-bin"
 
-# Authenticated but not allowed: PERMISSION_DENIED. Everything else that the
-# auth layer refuses means the caller's identity was not established.
-_PERMISSION_DENIED = {
-    ErrorCode.KEY_REVOKED,
-    ErrorCode.TOKEN_REPLAYED,
-    ErrorCode.TOKEN_WRONG_CRUNCH,
-    ErrorCode.TOKEN_WRONG_AUDIENCE,
-    ErrorCode.TOKEN_WRONG_METHOD,
-    ErrorCode.METHOD_NOT_ALLOWED,
-    ErrorCode.WATCHER_NOT_AUTHORIZED,
-    ErrorCode.TOKEN_WRONG_DESTINATION,
-}
-_OTHER = {
-    ErrorCode.REPLAY_CACHE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorCode.REGISTRY_STALE: grpc.StatusCode.UNAVAILABLE,
-    ErrorCode.REGISTRY_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    ErrorCode.MODEL_UNKNOWN: grpc.StatusCode.NOT_FOUND,
-    ErrorCode.MODEL_NOT_SET_UP: grpc.StatusCode.FAILED_PRECONDITION,
-    ErrorCode.MALFORMED_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorCode.INVALID_ARGUMENTS: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorCode.RPC_UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
-    ErrorCode.MESSAGE_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
-_AUTH_PREFIXES = ("TOKEN_", "KEY_", "PEER_")
+ERROR_DOMAIN = "secure-runner"
+# A refusal's details stay short whatever its message: the whole status fits in a small trailer.
+MAX_DETAILS_CHARS = 512
 
 
 def grpc_status(code: ErrorCode) -> grpc.StatusCode:
-    if code in _PERMISSION_DENIED:
-        return grpc.StatusCode.PERMISSION_DENIED
-    if code.startswith(_AUTH_PREFIXES):
-        return grpc.StatusCode.UNAUTHENTICATED
-    return _OTHER.get(code, grpc.StatusCode.INTERNAL)
+    return grpc.StatusCode[spec_of(code).grpc_status]
 
 
 async def abort(context: grpc.aio.ServicerContext, error: SecureRunnerError) -> None:
     """End the RPC with the error's status and reason code (raises, never returns)."""
-    context.set_trailing_metadata(((REASON_KEY, str(error.code)),))
-    await context.abort(grpc_status(error.code), f"{error.code}: {error.message}")
+    status_code = grpc_status(error.code)
+    details = f"{error.code}: {error.message}"[:MAX_DETAILS_CHARS]
+    info = error_details_pb2.ErrorInfo(
+        reason=str(error.code), domain=ERROR_DOMAIN, metadata={"fault": str(spec_of(error.code).fault)}
+    )
+    rich = status_pb2.Status(code=status_code.value[0], message=details)
+    rich.details.add().Pack(info)
+    trailers = ((REASON_KEY, str(error.code)), *rpc_status.to_status(rich).trailing_metadata)
+    await context.abort(status_code, details, trailers)
 
 
 def reason_of(error: grpc.aio.AioRpcError) -> str | None:

@@ -7,7 +7,7 @@ import logging
 import os
 import platform
 
-from secure_runner.runner.sandbox.policy import LAYERS, LayerResult, SandboxPolicy, WorkerLimits
+from secure_runner.runner.sandbox.policy import LAYERS, POD_SHARING, PROFILES, LayerResult, SandboxPolicy, WorkerLimits
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,11 @@ def _layers(value: str) -> list[str]:
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sandbox", "limits of each worker and the layers it may lack")
+    group.add_argument(
+        "--profile", choices=tuple(PROFILES), default="host",
+        help="where the runner runs: host (as root, it applies every layer) or pod (unprivileged in a "
+        "Kubernetes Pod, which provides the cgroup, namespaces, filesystem and uid layers instead)",
+    )
     for flag, name, unit, text in _LIMIT_FLAGS:
         kind = float if name == "cpu_cores" else int
         group.add_argument(flag, type=kind, default=None, help=f"{text} (default {getattr(_DEFAULTS, name) / unit:g})")
@@ -66,22 +71,30 @@ def policy_from(args: argparse.Namespace) -> SandboxPolicy:
     allowed = tuple(dict.fromkeys(allowed))
     for name in allowed:
         log.warning("sandbox layer %s may be missing: explicitly allowed by the operator", name)
-    return SandboxPolicy(allow_missing=allowed)
+    return SandboxPolicy(allow_missing=allowed, profile=args.profile)
 
 
 def format_report(layers: list[LayerResult], policy: SandboxPolicy) -> str:
     width = max(len(name) for name in LAYERS)
+    profile = "" if policy.profile == "host" else f", profile {policy.profile}"
     lines = [f"Sandbox layers for a worker on this machine ({platform.system()} {platform.release()}, "
-             f"runner uid {os.getuid()}), in the order they are applied:"]
+             f"runner uid {os.getuid()}{profile}), in the order they are applied:"]
     for layer in layers:
-        state = "active " if layer.active else "MISSING"
-        lines.append(f"  [{state}] {layer.name:<{width}}  {layer.detail}")
-    missing = [layer.name for layer in layers if not layer.active]
+        lines.append(f"  [{policy.state(layer):<7}] {layer.name:<{width}}  {layer.detail}")
+    provided = [name for name in LAYERS if policy.provided_by(name)]
+    missing = [layer.name for layer in layers if not layer.active and not policy.provided_by(layer.name)]
     blocking = [name for name in missing if policy.required(name)]
-    if not missing:
+    if not missing and provided:
+        lines.append(f"Every layer the runner must apply is active: a runner here starts with --profile {policy.profile}.")
+    elif not missing:
         lines.append("All layers are active: a runner here starts with the default (all layers required).")
     elif blocking:
         lines.append(f"A runner here refuses to start unless given --allow-missing-layer {','.join(blocking)}.")
     else:
         lines.append("Missing layers are allowed by this command line: a runner with it starts (and logs them).")
+    if provided:
+        lines.append("The Pod must provide (its securityContext, NetworkPolicy and per-Pod cgroup), "
+                     "whether or not the runner could apply them too:")
+        lines += [f"  {name:<{width}}  {policy.provided_by(name)}" for name in provided]
+        lines.append(POD_SHARING)
     return "\n".join(lines)
