@@ -85,7 +85,10 @@ def _runner(args: argparse.Namespace) -> int:
         layout = pki.PkiLayout(args.pki)
         ca, registry = ca or layout.ca_cert, registry or layout.registry
         cert, key = cert or layout.runner_cert(node_id), key or layout.runner_key(node_id)
-    missing = [flag for flag, value in (("--cert", cert), ("--key", key), ("--ca", ca), ("--registry", registry)) if not value]
+    chain_config = _chain_config(args, "runner")
+    missing = [flag for flag, value in (("--cert", cert), ("--key", key), ("--ca", ca)) if not value]
+    if chain_config is None and not registry:
+        missing.append("--registry")
     if missing:
         raise SystemExit(f"secure-runner runner: missing {', '.join(missing)}")
     settings = RunnerSettings(
@@ -93,7 +96,8 @@ def _runner(args: argparse.Namespace) -> int:
         node_id=node_id,
         models=models,
         tls=TlsFiles(Path(cert), Path(key), Path(ca)),
-        registry=Path(registry),
+        registry=None if chain_config else Path(registry),
+        chain_config=chain_config,
         audit_log=args.audit_log,
         replay_cache_size=args.replay_cache_size,
         time_policy=TimePolicy(
@@ -116,6 +120,15 @@ def _runner(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chain_config(args: argparse.Namespace, command: str) -> Path | None:
+    """The chain registry's configuration file if `--registry-source chain` selects it, else None (the file)."""
+    if args.registry_source != "chain":
+        return None
+    if args.chain_config is None:
+        raise SystemExit(f"secure-runner {command}: --registry-source chain needs --chain-config FILE")
+    return args.chain_config.resolve()
+
+
 def _orchestrator(args: argparse.Namespace) -> int:
     from secure_runner.orchestrator.local import LocalOrchestrator, LocalOrchestratorSettings
 
@@ -132,6 +145,7 @@ def _orchestrator(args: argparse.Namespace) -> int:
         models_per_node=args.models_per_node or (1 if args.backend == "kubernetes" else 0),  # a Pod per model
         credentials_mode=args.credentials,
         runner_log_format=args.log_format,
+        chain_config=_chain_config(args, "orchestrator"),
     )
     launcher = None  # the default: local runner processes
     if args.backend == "kubernetes":
@@ -193,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     runner.add_argument("--key", type=Path, help="its TLS key (default: from --pki)")
     runner.add_argument("--ca", type=Path, help="the crunch CA certificate (default: from --pki)")
     runner.add_argument("--registry", type=Path, help="the registry file (default: from --pki)")
+    runner.add_argument(
+        "--registry-source", choices=("file", "chain"), default="file",
+        help="where the crunch's identities come from: the registry file (default) or the chain (--chain-config)",
+    )
+    runner.add_argument("--chain-config", type=Path, help="the chain registry's configuration (JSON, see README)")
     runner.add_argument("--base-path", type=Path, action="append", default=[], help="folder with the base class")
     runner.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
     runner.add_argument("--port", type=int, default=0, help="port to serve on (default 0: any free port, printed as READY <port>)")
@@ -244,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
         "crunchers' keys from --pki. production: it holds neither; runner certificates (CSRs the operator signed) "
         "and delegations (signed by each cruncher) are installed with `secure-runner pki runner-host ...`",
     )
+    orch.add_argument(
+        "--registry-source", choices=("file", "chain"), default="file",
+        help="where it and its runners read the crunch's identities: --pki's registry.json (default) or the chain",
+    )
+    orch.add_argument("--chain-config", type=Path, help="the chain registry's configuration (JSON, see README)")
     orch.add_argument(
         "--base-path", type=Path, action="append", default=[],
         help="folder holding the game's base class, readable by every worker (repeatable)",

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
 import os
 import sys
 import tempfile
@@ -74,7 +73,7 @@ from nacl.signing import SigningKey
 
 from secure_runner.errors import ConfigError, ErrorCode, SecureRunnerError
 from secure_runner.smp.identity import PeerIdentity, Role, validate_id
-from secure_runner.smp.registry import Registry
+from secure_runner.smp.registry import Registry, key_id_for
 
 __all__ = [
     "CLOCK_SKEW",
@@ -136,13 +135,6 @@ def public_key_raw(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
     if not isinstance(public, Ed25519PublicKey):
         raise ConfigError(ErrorCode.PKI_INVALID, f"expected an Ed25519 key, got {type(key).__name__}")
     return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def key_id_for(public_raw: bytes) -> str:
-    """The key id of a raw Ed25519 public key: "k" + first 24 hex digits of its SHA-256."""
-    if len(public_raw) != 32:
-        raise ConfigError(ErrorCode.PKI_INVALID, f"an Ed25519 public key is 32 bytes, got {len(public_raw)}")
-    return "k" + hashlib.sha256(public_raw).hexdigest()[:24]
 
 
 # --------------------------------------------------------------------------- files

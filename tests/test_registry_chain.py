@@ -35,10 +35,8 @@ from solders.pubkey import Pubkey
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 from secure_runner.errors import AuthError, ConfigError, ErrorCode
-from secure_runner.pki import key_id_for
 from secure_runner.registry.chain import ChainRegistry, ChainRegistryConfig
 from secure_runner.registry.enrolment import verify_reference_enrolment
-from secure_runner.registry.mapping import check_enrolled_tls_key
 from secure_runner.registry.solana_accounts import (
     ChainAccountsConfig,
     RawAccount,
@@ -48,7 +46,7 @@ from secure_runner.registry.solana_accounts import (
     decode_model,
 )
 from secure_runner.smp import rules
-from secure_runner.smp.registry import RegistrySnapshot
+from secure_runner.smp.registry import RegistrySnapshot, key_id_for
 from secure_runner.smp.token import issue_delegation, sha256_b64url
 from secure_runner.transport.registry_file import REGISTRY_HEALTH_SERVICE, watch_registry
 
@@ -286,7 +284,7 @@ def verify_runner(source: ChainRegistry, wallet_key: SigningKey, model_id: str =
 def test_valid_accounts_authorize_the_coordinator_its_tls_key_and_the_cruncher(chain, crunch, source):
     key = coordinator_key(source, crunch)
     assert key.public_key_bytes == crunch.owner and not key.revoked
-    check_enrolled_tls_key(source.facts(), crunch.key_id, hashlib.sha256(crunch.coordinator_tls).digest())
+    rules.check_enrolled_tls_key(coordinator_key(source, crunch), hashlib.sha256(crunch.coordinator_tls).digest())
     verify_runner(source, crunch.wallet_key)
     assert source.current().registry.model(CRUNCH, MODEL).cruncher_id == str(Pubkey.from_bytes(crunch.wallet))
     assert source.facts().hotkeys == {crunch.wallet: crunch.hotkey}
@@ -309,7 +307,7 @@ def test_more_than_a_hundred_crunchers_are_read_in_batches(chain, crunch, source
 
 def test_another_tls_key_or_another_signer_is_refused(crunch, source):
     with pytest.raises(AuthError) as refused:
-        check_enrolled_tls_key(source.facts(), crunch.key_id, hashlib.sha256(spki_der_of_new_key()).digest())
+        rules.check_enrolled_tls_key(coordinator_key(source, crunch), hashlib.sha256(spki_der_of_new_key()).digest())
     assert refused.value.code is ErrorCode.COORDINATOR_CERT_NOT_ENROLLED
     with pytest.raises(AuthError) as refused:
         verify_runner(source, SigningKey.generate())
@@ -352,7 +350,7 @@ def test_a_defective_certificate_account_enrols_nothing(crunch, source, defect):
     source.refresh()
     assert refused_codes(source) == {code}
     with pytest.raises(AuthError) as refused:
-        check_enrolled_tls_key(source.facts(), crunch.key_id, hashlib.sha256(crunch.coordinator_tls).digest())
+        rules.check_enrolled_tls_key(coordinator_key(source, crunch), hashlib.sha256(crunch.coordinator_tls).digest())
     assert refused.value.code is ErrorCode.COORDINATOR_CERT_NOT_ENROLLED
 
 
@@ -431,9 +429,9 @@ def test_a_model_whose_wallet_has_no_cruncher_account_is_not_registered(crunch, 
 def test_both_slots_empty_enrol_no_tls_key(crunch, source):
     crunch.set_certificate(bytes(32), bytes(32), 0, 0)
     source.refresh()
-    assert source.facts().enrolled_tls_keys == {crunch.key_id: frozenset()}
+    assert coordinator_key(source, crunch).enrolled_tls_keys == frozenset()
     with pytest.raises(AuthError) as refused:
-        check_enrolled_tls_key(source.facts(), crunch.key_id, bytes(32))  # an empty slot never matches
+        rules.check_enrolled_tls_key(coordinator_key(source, crunch), bytes(32))  # an empty slot never matches
     assert refused.value.code is ErrorCode.COORDINATOR_CERT_NOT_ENROLLED
 
 
@@ -460,14 +458,14 @@ def test_rotation_through_the_secondary_slot_refuses_the_overwritten_certificate
     enrol(crunch, on_chain(), new, 200)  # into the empty secondary slot: both valid during the overlap
     source.refresh()
     for spki_hash in (old, new):
-        check_enrolled_tls_key(source.facts(), crunch.key_id, spki_hash)
+        rules.check_enrolled_tls_key(coordinator_key(source, crunch), spki_hash)
 
     enrol(crunch, on_chain(), newest, 300)  # overwrites the older slot: the primary, holding `old`
-    assert source.facts().enrolled_tls_keys[crunch.key_id] == {old, new}  # not refreshed yet
+    assert coordinator_key(source, crunch).enrolled_tls_keys == {old, new}  # not refreshed yet
     source.refresh()
-    assert source.facts().enrolled_tls_keys[crunch.key_id] == {new, newest}
+    assert coordinator_key(source, crunch).enrolled_tls_keys == {new, newest}
     with pytest.raises(AuthError) as refused:
-        check_enrolled_tls_key(source.facts(), crunch.key_id, old)
+        rules.check_enrolled_tls_key(coordinator_key(source, crunch), old)
     assert refused.value.code is ErrorCode.COORDINATOR_CERT_NOT_ENROLLED
 
 

@@ -32,7 +32,8 @@ from secure_runner.transport import tls
 
 CRUNCH = "rot"
 MODELS = [pki.ModelSpec("m1", "One", "alice", "Alice"), pki.ModelSpec("m2", "Two", "bob", "Bob")]
-M1 = PeerIdentity.make(CRUNCH, Role.RUNNER, "m1").tls_server_name
+RUNNER_M1 = PeerIdentity.make(CRUNCH, Role.RUNNER, "m1")
+M1 = RUNNER_M1.tls_server_name
 M2 = PeerIdentity.make(CRUNCH, Role.RUNNER, "m2").tls_server_name
 
 
@@ -57,9 +58,10 @@ def _coordinator_files(layout: pki.PkiLayout) -> tls.TlsFiles:
 
 @contextlib.asynccontextmanager
 async def _server(files: tls.TlsFiles) -> AsyncIterator[int]:
+    """A health server that is runner m1 (its certificate must path-validate as that identity)."""
     server = grpc.aio.server(options=tls.SERVER_OPTIONS)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
-    port = server.add_secure_port("127.0.0.1:0", tls.reloading_server_credentials(files))
+    port = server.add_secure_port("127.0.0.1:0", tls.reloading_server_credentials(files, RUNNER_M1))
     await server.start()
     try:
         yield port
@@ -124,26 +126,29 @@ async def test_renewed_certificate_is_served_without_a_restart(layout: pki.PkiLa
         await asyncio.gather(old_channel.close(), new_channel.close())
 
 
-async def test_grpc_handshakes_use_the_new_files(layout: pki.PkiLayout, tmp_path: Path) -> None:
-    """Rotate a server from m1's identity to m2's: only the name a grpc client pins tells them apart."""
-    files = tls.TlsFiles(tmp_path / "tls.crt", tmp_path / "tls.key", layout.ca_cert)
-    files.cert.write_bytes(layout.runner_cert("m1").read_bytes())
-    files.key.write_bytes(layout.runner_key("m1").read_bytes())
+async def test_grpc_handshakes_use_the_new_files(
+    layout: pki.PkiLayout, other_layout: pki.PkiLayout, tmp_path: Path
+) -> None:
+    """Rotate a server to another CA (same identity): only the CA a grpc client trusts tells them apart."""
+    files = tls.TlsFiles(tmp_path / "tls.crt", tmp_path / "tls.key", tmp_path / "ca.crt")
+    for source, target in zip(_runner_files(layout).__dict__.values(), files.__dict__.values(), strict=True):
+        target.write_bytes(source.read_bytes())
     async with _server(files) as port:
         old_channel = _channel(port, layout, M1)
         assert await _health(old_channel) == SERVING
 
-        _replace(files.key, layout.runner_key("m2").read_bytes())
-        _replace(files.cert, layout.runner_cert("m2").read_bytes())
+        _replace(files.key, other_layout.runner_key("m1").read_bytes())
+        _replace(files.cert, other_layout.runner_cert("m1").read_bytes())
+        _replace(files.ca, other_layout.ca_cert.read_bytes())
 
-        as_m2 = _channel(port, layout, M2)
-        assert await _health(as_m2) == SERVING
-        as_m1 = _channel(port, layout, M1)
+        of_the_new_ca = _channel(port, other_layout, M1)
+        assert await _health(of_the_new_ca) == SERVING
+        of_the_old_ca = _channel(port, layout, M1)
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await _health(as_m1)
+            await _health(of_the_old_ca)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert await _health(old_channel) == SERVING
-        await asyncio.gather(old_channel.close(), as_m2.close(), as_m1.close())
+        assert await _health(old_channel) == SERVING  # a live connection keeps its handshake
+        await asyncio.gather(old_channel.close(), of_the_new_ca.close(), of_the_old_ca.close())
 
 
 async def test_unusable_new_files_keep_the_current_certificate(
@@ -176,6 +181,15 @@ async def test_unusable_new_files_keep_the_current_certificate(
         pki.write_private_key(files.key, new_key)
         assert await _fetch(port, layout) == new_cert
 
+        # A complete pair from the right CA, but for another identity: never taken up.
+        other_cert, other_key = pki.issue_certificate(ca, ca_key, PeerIdentity.make(CRUNCH, Role.RUNNER, "m2"))
+        pki.write_private_key(files.key, other_key)
+        pki.write_certificate(files.cert, other_cert)
+        assert await _fetch(port, layout) == new_cert
+        assert "does not validate for spiffe://rot/runner/m1" in caplog.text
+        pki.write_certificate(files.cert, new_cert)
+        pki.write_private_key(files.key, new_key)
+
         # Garbage in the server's CA file: the current configuration stays, clients still get in.
         _replace(files.ca, b"not a certificate\n")
         channel = _channel(port, layout, M1)
@@ -188,8 +202,12 @@ def test_unusable_files_at_start_are_a_config_error(layout: pki.PkiLayout) -> No
     mismatched = tls.TlsFiles(layout.runner_cert("m1"), layout.runner_key("m2"), layout.ca_cert)
     for files in (mismatched, tls.TlsFiles(layout.ca_key, layout.runner_key("m1"), layout.ca_cert)):
         with pytest.raises(ConfigError) as err:
-            tls.reloading_server_credentials(files)
+            tls.reloading_server_credentials(files, RUNNER_M1)
         assert err.value.code == ErrorCode.PKI_INVALID
+    # A sound pair of the crunch CA, issued for another identity: path validation refuses it.
+    with pytest.raises(ConfigError) as err:
+        tls.reloading_server_credentials(_runner_files(layout, "m2"), RUNNER_M1)
+    assert err.value.code == ErrorCode.CERT_NOT_ISSUED_FOR_US
 
 
 # --------------------------------------------------------------------------- fetch_server_certificate

@@ -22,6 +22,7 @@ from nacl.signing import SigningKey
 from secure_runner import pki
 from secure_runner.errors import ErrorCode
 from secure_runner.smp import paseto
+from secure_runner.smp.identity import PeerIdentity, Role
 from secure_runner.smp.replay import ReplayCache
 from secure_runner.smp.token import IMPLICIT_ASSERTION, model_id_field
 from secure_runner.transport import tls
@@ -355,7 +356,7 @@ async def test_any_registry_source_failure_is_a_typed_audited_refusal(layout):
             raise AssertionError("never reached")
 
     runner_pb2_grpc.add_ModelRunnerServicer_to_server(Runner(), server)
-    port = server.add_secure_port("127.0.0.1:0", tls.reloading_server_credentials(server_files))
+    port = server.add_secure_port("127.0.0.1:0", tls.reloading_server_credentials(server_files, PeerIdentity.make(CRUNCH, Role.RUNNER, "counter")))
     await server.start()
     client = RawCoordinator(layout, f"127.0.0.1:{port}", "counter")
     try:

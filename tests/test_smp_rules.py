@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -129,6 +130,20 @@ def test_registry_key_states():
     assert code_of(lambda: verify(token(), reg=early)) == ErrorCode.KEY_NOT_VALID_NOW
     empty = Registry(crunches={CRUNCH: CrunchEntry()})
     assert code_of(lambda: verify(token(), reg=empty)) == ErrorCode.KEY_UNKNOWN
+
+
+def test_an_enrolled_tls_key_list_binds_the_signing_key_to_the_peers_tls_key():
+    """SMP-5a applies only where the registry names enrolled TLS keys (the chain's slots), never to the file's None."""
+    peer_spki = hashlib.sha256(b"the peer certificate's SubjectPublicKeyInfo").digest()
+
+    def verify_with(enrolled: frozenset[bytes] | None):
+        ctx = rules.CallContext(CRUNCH, RPC, PEER, CERT, BODY, NOW, 0, frozenset({DEST}), peer_spki_sha256=peer_spki)
+        return rules.verify_token([token()], ctx, snap(registry(enrolled_tls_keys=enrolled)))
+
+    verify_with(None)
+    verify_with(frozenset({bytes(32), peer_spki}))
+    for enrolled in (frozenset(), frozenset({hashlib.sha256(b"another key").digest()})):
+        assert code_of(lambda: verify_with(enrolled)) == ErrorCode.COORDINATOR_CERT_NOT_ENROLLED
 
 
 def _resign(claims: dict, footer: bytes = b'{"kid":"kcoordinator"}') -> bytes:

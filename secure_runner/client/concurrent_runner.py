@@ -45,7 +45,7 @@ from secure_runner.smp.identity import PeerIdentity, Role, validate_id
 from secure_runner.smp.registry import ModelEntry
 from secure_runner.smp.token import MAX_AUDIENCE, MAX_DESTINATIONS, model_id_field
 from secure_runner.transport import tls
-from secure_runner.transport.registry_file import RegistryFile
+from secure_runner.transport.registry_file import open_registry_source
 from secure_runner.transport.status import TOKEN_KEY, reason_of
 from secure_runner.v1 import orchestrator_pb2, runner_pb2, values_pb2
 
@@ -128,7 +128,7 @@ class DynamicSubclassModelConcurrentRunner:
         self._connect_timeout = connect_timeout
         self._setup_timeout = setup_timeout
         self._signer = CallSigner(security, crunch_id)
-        self._registry = RegistryFile(security.registry)
+        self._registry = open_registry_source(security.registry, security.chain_config)
         self._address = f"{host}:{port}"
         self._models: dict[str, RemoteModel] = {}  # connected (or connecting) models, by id
         self._listed: dict[str, ModelIdentity] = {}  # the last identity the orchestrator gave each model id
@@ -601,6 +601,7 @@ class DynamicSubclassModelConcurrentRunner:
             with contextlib.suppress(Exception):
                 await self._channel.close()
         self._identity_executor.shutdown(wait=False, cancel_futures=True)
+        self._registry.close()
 
 
 def _ids(models: Iterable[str]) -> Iterable[str]:

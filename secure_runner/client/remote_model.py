@@ -43,7 +43,7 @@ from secure_runner.client.fan_out import ModelFlight, NodeFlight, rpc_error
 from secure_runner.client.node_channel import SETUP_RPC, NodeChannel
 from secure_runner.client.security import BACKDATE_SECONDS, CallSigner, CoordinatorSecurity
 from secure_runner.errors import AuthError, CodecError, ConfigError, ErrorCode, RequestError, SecureRunnerError
-from secure_runner.smp import rules
+from secure_runner.registry.delegation import verify_runner_delegation
 from secure_runner.smp.registry import RegistrySnapshot
 from secure_runner.smp.token import model_id_field
 from secure_runner.transport import tls
@@ -174,7 +174,8 @@ class RemoteModel:
     # -- connecting -------------------------------------------------------------------
 
     async def verify_identity(self) -> None:
-        """SMP-30..35 on the certificate the runner presents, before any request is sent."""
+        """SMP-30..35 (or EN-1..7 for the reference's enrolment form) on the certificate the runner
+        presents, before any request is sent."""
         host, _, port = self.address.rpartition(":")
         der = await asyncio.get_running_loop().run_in_executor(
             self._identity_executor,
@@ -182,7 +183,7 @@ class RemoteModel:
             host, int(port), self._security.tls, self.node.server_name, IDENTITY_TIMEOUT_SECONDS,
         )
         presented = tls.spki_sha256(der)
-        rules.verify_delegation(
+        verify_runner_delegation(
             self._delegation,
             registry=self._registry(),
             crunch_id=self._crunch_id,

@@ -8,7 +8,8 @@ it presents (each channel remembers the certificate it was opened with, so a
 renewed certificate on disk never breaks the channels still open) and to the
 servers that may accept it (their TLS keys). The registry is the coordinator's
 own copy of who the crunch's models are: runner identities and the names in
-results are taken from it, never from the orchestrator's word.
+results are taken from it, never from the orchestrator's word. With `chain_config`
+that copy is read from the chain (registry.chain) instead of the `registry` file.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class CoordinatorSecurity:
     identity_key: Path
     registry: Path
     token_lifetime_seconds: int = 30
+    chain_config: Path | None = None  # a registry.chain.ChainRegistryConfig JSON file: read the chain, not `registry`
 
     @classmethod
     def from_pki_dir(cls, root: Path | str) -> CoordinatorSecurity:

@@ -32,7 +32,7 @@ from secure_runner.errors import ConfigError, ErrorCode, SecureRunnerError
 from secure_runner.orchestrator.launcher import LauncherError
 from secure_runner.provisioning import certs
 from secure_runner.provisioning.runner_host import HostHome
-from secure_runner.smp import rules
+from secure_runner.registry.delegation import verify_runner_delegation
 from secure_runner.smp.identity import PeerIdentity, Role
 from secure_runner.smp.registry import RegistrySnapshot
 from secure_runner.smp.token import issue_delegation
@@ -115,7 +115,7 @@ class ProvisionedCredentials:
         path = self._home.delegation(info.model_id)
         try:
             token = pki.read_file(path, "delegation")
-            rules.verify_delegation(
+            verify_runner_delegation(
                 token, registry=self._registry(), crunch_id=self._crunch_id, model_id=info.model_id,
                 presented_spki_sha256=tls.spki_sha256(cert.public_bytes(Encoding.DER)), now=int(time.time()),
             )  # fmt: skip

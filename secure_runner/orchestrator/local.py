@@ -100,6 +100,9 @@ class LocalOrchestratorSettings:
     # Models per runner process (a model node, reached with one FanOut per call); 1: a runner per model;
     # None or 0: at most one node per CPU core (see `pack`).
     models_per_node: int | None = None
+    # The chain registry's configuration (registry.chain); None: the registry file in the PKI folder.
+    # The orchestrator and the runners it starts read the same source.
+    chain_config: Path | None = None
     # "test-pki": this orchestrator is the CA and holds the crunchers' keys (demo, tests); "production":
     # it relays certificates and delegations the parties provisioned, and holds neither.
     credentials_mode: CredentialsMode = "test-pki"
@@ -184,7 +187,8 @@ class LocalOrchestrator:
             settings.credentials_mode, self.layout, settings.crunch_id, lambda: self.server.registry.current()
         )
         self.server = OrchestratorServer(
-            self.board, self.layout, settings.audit_folder / "orchestrator.jsonl", self.stop_model, operator_control=self
+            self.board, self.layout, settings.audit_folder / "orchestrator.jsonl", self.stop_model, operator_control=self,
+            chain_config=settings.chain_config,
         )
         self._nodes: dict[str, _Node] = {}
         self._node_of: dict[str, _Node] = {}  # model id -> its node (stopped models too)

@@ -198,6 +198,8 @@ class ProcessLauncher:
             command += ["--base-path", str(base.resolve())]
         for layer in s.allow_missing_layers:
             command += ["--allow-missing-layer", layer]
+        if s.chain_config is not None:
+            command += ["--registry-source", "chain", "--chain-config", str(Path(s.chain_config).resolve())]
         return command
 
     async def model_logs(self, node_id: str, model_id: str, lines: int) -> list[str]:

@@ -24,13 +24,13 @@ from secure_runner import pki
 from secure_runner.errors import AuthError, ConfigError, ErrorCode
 from secure_runner.orchestrator import operator
 from secure_runner.smp import rules
-from secure_runner.smp.identity import Role
+from secure_runner.smp.identity import PeerIdentity, Role
 from secure_runner.smp.registry import RegistrySnapshot
 from secure_runner.smp.replay import ReplayCache
 from secure_runner.transport import tls
 from secure_runner.transport.audit_log import AuditLog
 from secure_runner.transport.gate import PeerGate
-from secure_runner.transport.registry_file import RegistryFile, audit_registry_failure
+from secure_runner.transport.registry_file import audit_registry_failure, open_registry_source
 from secure_runner.transport.status import abort
 from secure_runner.transport.tls import PeerCertificates, peer_name
 from secure_runner.transport.token_auth import AuditSink, ServedKeys, TokenAuthInterceptor
@@ -149,10 +149,13 @@ class OrchestratorServer:
         audit_file: Path,
         stop_model: Callable[[str, str], Awaitable[bool]],
         operator_control: operator.OperatorControl | None = None,
+        chain_config: Path | None = None,
     ) -> None:
         self.layout = layout
+        self.identity = PeerIdentity.make(board.crunch_id, Role.ORCHESTRATOR, "orchestrator")
         self.audit = AuditLog(audit_file)
-        self.registry = RegistryFile(layout.registry, on_failure=functools.partial(audit_registry_failure, self.audit))
+        self.registry = open_registry_source(  # the layout's registry file, or the chain given its configuration
+            layout.registry, chain_config, on_failure=functools.partial(audit_registry_failure, self.audit))
         auth = TokenAuthInterceptor(
             board.crunch_id,
             {WATCH_RPC: Role.COORDINATOR, REPORT_RPC: Role.COORDINATOR, **operator.PROTECTED_RPCS},
@@ -170,7 +173,7 @@ class OrchestratorServer:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         files = tls.TlsFiles(self.layout.orchestrator_cert, self.layout.orchestrator_key, self.layout.ca_cert)
-        bound = self._server.add_secure_port(f"{host}:{port}", tls.reloading_server_credentials(files))
+        bound = self._server.add_secure_port(f"{host}:{port}", tls.reloading_server_credentials(files, self.identity))
         await self._server.start()
         try:
             await asyncio.to_thread(tls.check_tls13_only, host, bound, files)
@@ -181,4 +184,5 @@ class OrchestratorServer:
 
     async def stop(self, grace: float = 0.5) -> None:
         await self._server.stop(grace)
+        self.registry.close()
         self.audit.close()

@@ -292,7 +292,7 @@ class ChainRegistry:
         return self._state[0]
 
     def facts(self) -> mapping.ChainFacts:
-        """What the same refresh read beyond the registry: enrolled TLS keys, hotkeys, refusals."""
+        """What the same refresh read beyond the registry: hotkeys by wallet, refusals."""
         return self._state[1]
 
     def refresh(self) -> None:
@@ -367,9 +367,9 @@ class ChainRegistry:
         crunchers = {wallet: by_pda[pda] for wallet, pda in zip(wallets, pdas) if pda in by_pda}
 
         registry = mapping.build_registry(
-            config.crunch_id, keys, mapping.model_entries(crunch, models, crunchers, refused))
+            config.crunch_id, mapping.with_enrolled_tls_keys(keys, certificates, refused),
+            mapping.model_entries(crunch, models, crunchers, refused))
         facts = mapping.ChainFacts(
-            enrolled_tls_keys=mapping.enrolled_tls_keys(keys, certificates, refused),
             hotkeys={wallet: cruncher.hotkey for wallet, cruncher in crunchers.items()},
             refused=tuple(refused),
         )

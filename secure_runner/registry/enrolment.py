@@ -104,14 +104,15 @@ def verify_reference_enrolment(
     envelope: bytes,
     *,
     registry: RegistrySnapshot,
-    hotkeys: Mapping[bytes, bytes],
+    hotkeys: Mapping[bytes, bytes] | None = None,
     crunch_id: str,
     model_id: str,
     presented_spki_sha256: str,
     now: int,
     policy: TimePolicy = TimePolicy(),
 ) -> EnrolmentClaims:
-    """EN-1 to EN-7. `hotkeys` maps wallets to their registered hotkeys (`ChainFacts.hotkeys`)."""
+    """EN-1 to EN-7. `hotkeys` maps wallets to their registered hotkeys (`ChainFacts.hotkeys`); without it,
+    the model entry's `hotkey` is the registered one."""
     if not envelope:  # EN-1
         raise AuthError(ErrorCode.DELEGATION_MISSING, f"no runner identity delegation for {model_id!r}")
     if len(envelope) > MAX_ENROLMENT_BYTES:
@@ -142,7 +143,9 @@ def verify_reference_enrolment(
         hotkey = pubkey_bytes(claims["hotkey"])
     except ValueError:
         raise _malformed("hotkey is not a base58 public key") from None
-    if hotkeys.get(wallet) != hotkey:  # EN-6
+    registered = hotkeys.get(wallet) if hotkeys is not None else (
+        decode_public_key(entry.hotkey) if entry.hotkey else None)
+    if registered != hotkey:  # EN-6
         raise AuthError(ErrorCode.DELEGATION_WRONG_HOTKEY, "reference enrolment names a hotkey the chain does not register")
     cert_pub = _b64(claims["cert_pub"], "cert_pub")
     if sha256_b64url(cert_pub) != presented_spki_sha256:  # EN-7

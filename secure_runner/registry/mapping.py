@@ -11,11 +11,12 @@ The rules (SECURITY.md, "Registry: the on-chain adapter"; CH-6..CH-8 are `chain.
   CH-2  A coordinator's TLS key is enrolled when the SHA-256 of its SubjectPublicKeyInfo is
         in a non-empty slot of the certificate account at the PDA of its owner, whose
         `coordinator` field names that owner. No account, or both slots empty: no TLS key
-        of that coordinator is enrolled (COORDINATOR_CERT_NOT_ENROLLED, `check_enrolled_tls_key`).
+        of that coordinator is enrolled. The hashes become the key's `enrolled_tls_keys`, which
+        `smp.rules` checks against the caller's certificate (SMP-5a, COORDINATOR_CERT_NOT_ENROLLED).
   CH-3  A model is registered when a model account of this crunch names it and its cruncher
         wallet has a cruncher account (at the PDA of the wallet). The cruncher's identity key
         (the signer of its runners' delegations, ours and the reference's enrolment) is that
-        wallet; its hotkey is kept for the reference enrolment's hotkey check.
+        wallet; its hotkey is the model entry's `hotkey`, for the reference enrolment's hotkey check.
   CH-4  An account failing a check is left out, and the refusal is kept with its code
         (the crunch's other entries stay usable; what was left out is unknown, never trusted).
   CH-5  Two accounts claiming one coordinator key or one model id: both are left out
@@ -32,8 +33,7 @@ from typing import TypeVar
 
 from solders.pubkey import Pubkey
 
-from secure_runner.errors import AuthError, ConfigError, ErrorCode
-from secure_runner.pki import key_id_for
+from secure_runner.errors import ConfigError, ErrorCode
 from secure_runner.registry.solana_accounts import (
     AccountType,
     CoordinatorAccount,
@@ -44,7 +44,7 @@ from secure_runner.registry.solana_accounts import (
     RawAccount,
     address_text,
 )
-from secure_runner.smp.registry import CoordinatorKey, CrunchEntry, ModelEntry, Registry
+from secure_runner.smp.registry import CoordinatorKey, CrunchEntry, ModelEntry, Registry, key_id_for
 
 _Decoded = TypeVar("_Decoded")
 
@@ -53,7 +53,6 @@ _Decoded = TypeVar("_Decoded")
 class ChainFacts:
     """What the chain says beyond the `Registry` model, read in the same refresh."""
 
-    enrolled_tls_keys: Mapping[str, frozenset[bytes]] = field(default_factory=dict)  # key id -> SPKI SHA-256s
     hotkeys: Mapping[bytes, bytes] = field(default_factory=dict)  # cruncher wallet -> hotkey
     refused: tuple[ConfigError, ...] = ()  # accounts left out, each with its reason (CH-4, CH-5)
 
@@ -105,11 +104,11 @@ def coordinator_keys(coordinators: dict[bytes, CoordinatorAccount], refused: lis
     return keys
 
 
-def enrolled_tls_keys(
+def with_enrolled_tls_keys(
     keys: list[CoordinatorKey], certificates: Mapping[bytes, CoordinatorCertificate], refused: list[ConfigError]
-) -> dict[str, frozenset[bytes]]:
-    """CH-2: `certificates` maps each coordinator owner to the account found at its PDA."""
-    enrolled = {}
+) -> list[CoordinatorKey]:
+    """CH-2: each key with its `enrolled_tls_keys`; `certificates` maps each owner to the account at its PDA."""
+    enrolled = []
     for key in keys:
         owner = key.public_key_bytes
         certificate = certificates.get(owner)
@@ -117,7 +116,8 @@ def enrolled_tls_keys(
             refused.append(ConfigError(ErrorCode.CHAIN_ACCOUNT_INVALID, (
                 f"certificate account of {address_text(owner)} names coordinator {address_text(certificate.coordinator)}")))
             certificate = None
-        enrolled[key.key_id] = certificate.enrolled_spki_hashes if certificate else frozenset()
+        hashes = certificate.enrolled_spki_hashes if certificate else frozenset()
+        enrolled.append(key.model_copy(update={"enrolled_tls_keys": hashes}))
     return enrolled
 
 
@@ -141,6 +141,7 @@ def model_entries(
                 model_name=model.model_name,
                 cruncher_id=wallet,
                 identity_public_key=base64.b64encode(model.cruncher_wallet).decode(),
+                hotkey=base64.b64encode(cruncher.hotkey).decode(),
             ))
     return entries
 
@@ -151,11 +152,3 @@ def build_registry(
     """The `Registry` value the rules read, for one crunch. Unambiguous by construction (CH-5)."""
     return Registry(crunches={crunch_id: CrunchEntry(coordinators=keys, models=entries)})
 
-
-def check_enrolled_tls_key(facts: ChainFacts, key_id: str, spki_sha256: bytes) -> None:
-    """CH-2, for a verifier holding the coordinator's presented TLS key."""
-    if spki_sha256 not in facts.enrolled_tls_keys.get(key_id, frozenset()):
-        raise AuthError(
-            ErrorCode.COORDINATOR_CERT_NOT_ENROLLED,
-            f"the TLS key of coordinator {key_id!r} is in neither of its on-chain certificate slots",
-        )

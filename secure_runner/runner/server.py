@@ -3,8 +3,8 @@
 Health reports one service per hosted model (named by its model id) plus the
 overall service "": a model is SERVING only while its worker is up and set up
 (or ready for Setup), so a coordinator can see a restart in progress. The
-service "secure_runner.registry" is NOT_SERVING while the registry file cannot be
-reloaded (each failed version is also an audit line); past the time policy's
+service "secure_runner.registry" is NOT_SERVING while the registry (the file, or
+the chain adapter given `chain_config`) cannot be reloaded (each failed version is also an audit line); past the time policy's
 `max_registry_age_seconds` calls are refused (REGISTRY_STALE).
 
 The orchestrator may stop or redeploy one hosted model without disturbing the
@@ -28,13 +28,18 @@ from secure_runner.log_format import log_fields
 from secure_runner.runner.supervisor import ModelHost, ModelStatus, WorkerCall, WorkerGone, failure_response
 from secure_runner.runner.sandbox.policy import SandboxPolicy
 from secure_runner.runner.worker import WorkerLimits
-from secure_runner.smp.identity import validate_id
+from secure_runner.smp.identity import PeerIdentity, Role, validate_id
 from secure_runner.smp.replay import ReplayCache
 from secure_runner.smp.rules import TimePolicy
 from secure_runner.transport import tls
 from secure_runner.transport.audit_log import AuditLog
 from secure_runner.transport.gate import PeerGate
-from secure_runner.transport.registry_file import REGISTRY_HEALTH_SERVICE, RegistryFile, audit_registry_failure, watch_registry
+from secure_runner.transport.registry_file import (
+    REGISTRY_HEALTH_SERVICE,
+    audit_registry_failure,
+    open_registry_source,
+    watch_registry,
+)
 from secure_runner.transport.token_auth import ServedKeys, TokenAuthInterceptor
 from secure_runner.transport.status import abort
 from secure_runner.v1 import runner_pb2, runner_pb2_grpc
@@ -60,7 +65,8 @@ class RunnerSettings(BaseModel):
     node_id: str
     models: dict[str, Path]
     tls: tls.TlsFiles
-    registry: Path
+    registry: Path | None = None  # the registry file, unless `chain_config` selects the chain adapter
+    chain_config: Path | None = None  # a registry.chain.ChainRegistryConfig JSON file
     audit_log: Path
     replay_cache_size: int = 200_000
     time_policy: TimePolicy = TimePolicy()
@@ -221,7 +227,8 @@ class RunnerServer:
         self.health = health.aio.HealthServicer()
         self.hosts = {model_id: self._new_host(model_id) for model_id in settings.models}
         self.audit = AuditLog(settings.audit_log)
-        self._registry = RegistryFile(settings.registry, on_failure=functools.partial(audit_registry_failure, self.audit))
+        self._registry = open_registry_source(
+            settings.registry, settings.chain_config, on_failure=functools.partial(audit_registry_failure, self.audit))
         self._registry_watch: asyncio.Task | None = None
         auth = TokenAuthInterceptor(
             settings.crunch_id,
@@ -309,7 +316,9 @@ class RunnerServer:
     async def start(self) -> int:
         await self._start_hosts()
         address = f"{self.settings.host}:{self.settings.port}"
-        self.port = self._server.add_secure_port(address, tls.reloading_server_credentials(self.settings.tls))
+        self.port = self._server.add_secure_port(address, tls.reloading_server_credentials(
+            self.settings.tls, PeerIdentity.make(self.settings.crunch_id, Role.RUNNER, self.settings.node_id)
+        ))
         await self._server.start()
         try:
             await asyncio.to_thread(tls.check_tls13_only, self.settings.host, self.port, self.settings.tls)
@@ -328,6 +337,7 @@ class RunnerServer:
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
         await asyncio.gather(*(host.close() for host in self.hosts.values()))
+        self._registry.close()
         self.audit.close()
 
     async def wait(self) -> None:

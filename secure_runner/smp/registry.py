@@ -21,6 +21,7 @@ from which `rules` decides whether it is too stale to authorize anything.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -33,6 +34,13 @@ from secure_runner.errors import AuthError, ConfigError, ErrorCode
 from secure_runner.smp.identity import Role, validate_id
 
 ED25519_PUBLIC_KEY_BYTES = 32
+
+
+def key_id_for(public_raw: bytes) -> str:
+    """The registry's id of a raw Ed25519 public key: "k" + first 24 hex digits of its SHA-256."""
+    if len(public_raw) != ED25519_PUBLIC_KEY_BYTES:
+        raise ConfigError(ErrorCode.PKI_INVALID, f"an Ed25519 public key is 32 bytes, got {len(public_raw)}")
+    return "k" + hashlib.sha256(public_raw).hexdigest()[:24]
 
 
 def decode_public_key(value: str) -> bytes:
@@ -58,6 +66,9 @@ class CoordinatorKey(_Strict):
     not_before: AwareDatetime | None = None
     not_after: AwareDatetime | None = None
     revoked: bool = False
+    # The SHA-256s of the TLS SubjectPublicKeyInfos enrolled for this key (the chain's certificate
+    # slots, SMP-5a); None: the source does not bind TLS keys to signing keys (the file adapter).
+    enrolled_tls_keys: frozenset[bytes] | None = Field(None, exclude=True)
 
     _check_id = field_validator("key_id")(lambda v: validate_id(v, "key id"))
 
@@ -78,10 +89,11 @@ class ModelEntry(_Strict):
     cruncher_id: str = ""
     cruncher_name: str = ""
     identity_public_key: str | None = None
+    hotkey: str | None = Field(None, description="base64 of the cruncher's registered hotkey (chain adapter)")
 
     _check_id = field_validator("model_id")(lambda v: validate_id(v, "model id"))
 
-    @field_validator("identity_public_key")
+    @field_validator("identity_public_key", "hotkey")
     @classmethod
     def _check_key(cls, value: str | None) -> str | None:
         if value is not None:

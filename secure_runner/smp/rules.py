@@ -27,6 +27,9 @@ registered in separate sections of a crunch's registry entry (`coordinators`,
   SMP-5  The key id is registered for this crunch and role,
          not revoked and inside its validity window.            KEY_UNKNOWN, KEY_REVOKED,
                                                                 KEY_NOT_VALID_NOW
+  SMP-5a When the registry names the TLS keys enrolled for that
+         key (the chain's certificate slots), SHA-256 of the
+         peer certificate's SubjectPublicKeyInfo is one of them. COORDINATOR_CERT_NOT_ENROLLED
   SMP-6  The signature verifies with that key under this
          protocol's implicit assertion.                         TOKEN_BAD_SIGNATURE
   SMP-7  The claims parse strictly (version 2, all fields,
@@ -121,7 +124,7 @@ from pydantic import ValidationError
 from secure_runner.errors import AuthError, ErrorCode
 from secure_runner.smp import paseto
 from secure_runner.smp.identity import PeerIdentity, Role
-from secure_runner.smp.registry import Registry, RegistrySnapshot, decode_public_key
+from secure_runner.smp.registry import CoordinatorKey, Registry, RegistrySnapshot, decode_public_key
 from secure_runner.smp.replay import ReplayCache
 from secure_runner.smp.token import (
     DELEGATION_ASSERTION,
@@ -180,6 +183,7 @@ class CallContext:
     started_at: int  # unix seconds when the verifier (and its replay cache) started
     destinations: frozenset[str]  # this server's names for `dst`: SHA-256 of the TLS public key(s) it serves
     role: Role = Role.COORDINATOR  # the role this method accepts (coordinator, or operator)
+    peer_spki_sha256: bytes = b""  # raw SHA-256 of the peer certificate's SubjectPublicKeyInfo (SMP-5a)
 
 
 def authorize_peer(crunch_id: str, peer_spiffe_ids: tuple[str, ...], roles: Collection[Role]) -> PeerIdentity:
@@ -275,6 +279,7 @@ def verify_token(
         raise AuthError(ErrorCode.TOKEN_KID_MISMATCH, f"token is signed by key {footer.kid!r}, not the certificate's")
     now = datetime.fromtimestamp(ctx.now, UTC)
     key = current_registry(registry, ctx.now, policy).signing_key(ctx.role, ctx.crunch_id, footer.kid, now)  # SMP-4b, 5
+    check_enrolled_tls_key(key, ctx.peer_spki_sha256)  # SMP-5a
     paseto.check_signature(_verify_key(key.public_key), message, signature, footer_bytes, IMPLICIT_ASSERTION)  # SMP-6
     claims = _parse(CallClaims, message, "claims")  # SMP-7
     if seen is not None:
@@ -295,6 +300,15 @@ def verify_token(
     if claims.cnf != ctx.peer_cert_sha256:  # SMP-12
         raise AuthError(ErrorCode.TOKEN_CERT_MISMATCH, "token was issued for another client certificate")
     return claims, split[0]
+
+
+def check_enrolled_tls_key(key: CoordinatorKey, peer_spki_sha256: bytes) -> None:
+    """SMP-5a: where the registry binds TLS keys to the signing key, the peer's must be one of them."""
+    if key.enrolled_tls_keys is not None and peer_spki_sha256 not in key.enrolled_tls_keys:
+        raise AuthError(
+            ErrorCode.COORDINATOR_CERT_NOT_ENROLLED,
+            f"the TLS key of {key.key_id!r} is not enrolled for it (in neither of its certificate slots)",
+        )
 
 
 def _check_time(claims: CallClaims, ctx: CallContext, policy: TimePolicy) -> None:

@@ -13,6 +13,11 @@ is never silent: the failure is logged and reported once per failed version to
 NOT_SERVING), `healthy` turns False, and the snapshot's `fetched_at` stops
 advancing, so after the verifier's maximum staleness every call is refused
 (REGISTRY_STALE, decided by `smp.rules`). Only `ConfigError` leaves `current()`.
+
+`open_registry_source` is the one place the services (runner, orchestrator, client) build
+their registry source: this file, or the chain adapter (`registry.chain`, optional `chain`
+extra) when given its configuration. Both are used the same way: `current()`, `healthy`,
+`on_failure`, `watch_registry`, `close()`.
 """
 
 from __future__ import annotations
@@ -23,12 +28,15 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from grpc_health.v1 import health_pb2
 
 from secure_runner.errors import ConfigError, ErrorCode
 from secure_runner.smp.registry import Registry, RegistrySnapshot
+
+if TYPE_CHECKING:
+    from secure_runner.registry.chain import ChainRegistry
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +78,9 @@ class RegistryFile:
             self._refresh()
         return self._snapshot
 
+    def close(self) -> None:
+        """Nothing to release: the file is read on demand (the chain adapter's stops its refresh thread)."""
+
     def _refresh(self) -> None:
         stamp = (-1, -1)  # the version of a file that cannot even be stat'ed
         try:
@@ -109,7 +120,29 @@ def audit_registry_failure(audit: _AuditSink, error: ConfigError) -> None:
     audit.record(decision="deny", code=error.code, who=WHO, what={"event": "registry reload", "detail": error.message})
 
 
-async def watch_registry(source: RegistryFile, health: _Health, service: str, interval: float = 1.0) -> None:
+def open_registry_source(
+    registry: Path | None, chain_config: Path | None = None, *, on_failure: Callable[[ConfigError], None] | None = None
+) -> RegistryFile | ChainRegistry:
+    """The registry file, or, given `chain_config` (a `ChainRegistryConfig` JSON file), the chain
+    adapter after its first successful read, refreshing in the background until `close()`."""
+    if chain_config is None:
+        if registry is None:
+            raise ConfigError(ErrorCode.REGISTRY_INVALID, "no registry: give a registry file or a chain configuration")
+        return RegistryFile(registry, on_failure=on_failure)
+    try:
+        from secure_runner.registry.chain import ChainRegistry, ChainRegistryConfig  # the optional `chain` extra
+    except ImportError as exc:
+        raise ConfigError(ErrorCode.REGISTRY_INVALID, f"the chain registry needs the `chain` extra: {exc}") from None
+    try:
+        config = ChainRegistryConfig.from_json(chain_config.read_bytes())
+    except OSError as exc:
+        raise ConfigError(ErrorCode.REGISTRY_INVALID, f"cannot read chain configuration {chain_config}: {exc}") from None
+    source = ChainRegistry(config, on_failure=on_failure)
+    source.start()
+    return source
+
+
+async def watch_registry(source: RegistryFile | ChainRegistry, health: _Health, service: str, interval: float = 1.0) -> None:
     """Refresh `source` even without calls, and mirror its state in `health` (NOT_SERVING while reloads fail)."""
     states = {True: health_pb2.HealthCheckResponse.SERVING, False: health_pb2.HealthCheckResponse.NOT_SERVING}
     while True:

@@ -16,6 +16,7 @@ delegation) before it sends any request.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import resource
@@ -34,6 +35,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat,
 
 import secure_runner
 from secure_runner.errors import AuthError, ConfigError, ErrorCode, RequestError
+from secure_runner.provisioning.certs import verify_leaf
+from secure_runner.smp.identity import PeerIdentity
 from secure_runner.smp.token import sha256_b64url
 
 log = logging.getLogger(__name__)
@@ -103,17 +106,22 @@ def _file_versions(files: TlsFiles) -> tuple[tuple[int, int, int] | None, ...]:
     return tuple(versions)
 
 
-def _checked_material(files: TlsFiles, *, require_valid_now: bool) -> tuple[bytes, bytes, bytes]:
-    """Read the files and check they make a usable server identity, or raise ConfigError(PKI_INVALID).
+def _checked_material(
+    files: TlsFiles, identity: PeerIdentity, *, require_valid_now: bool
+) -> tuple[bytes, bytes, bytes]:
+    """Read the files and check they make a usable server identity, or raise ConfigError.
 
-    The certificate chain and CA must parse and the key must be the certificate's
-    (and, for a replacement, the certificate valid now): a half-written file, or a
-    key renewed before its certificate, never replaces a working pair.
+    The certificate chain and CA must parse, the key must be the certificate's, and the
+    certificate must path-validate against the CA for `identity` (`cryptography`'s
+    verifier: chain, key usage, the DNS SAN clients pin, exactly the one SPIFFE id);
+    a replacement must also be valid now. So a half-written file, a key renewed before
+    its certificate, or a certificate issued for another identity or by another CA
+    never replaces a working pair, and a server never starts with one.
     """
     cert_pem, key_pem, ca_pem = files.read()
     try:
         chain = x509.load_pem_x509_certificates(cert_pem)
-        x509.load_pem_x509_certificates(ca_pem)
+        (ca_cert,) = x509.load_pem_x509_certificates(ca_pem)[:1]
         key = load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise ConfigError(ErrorCode.PKI_INVALID, f"unusable TLS files ({files.cert}): {exc}") from None
@@ -123,6 +131,8 @@ def _checked_material(files: TlsFiles, *, require_valid_now: bool) -> tuple[byte
     now = datetime.now(timezone.utc)
     if require_valid_now and not chain[0].not_valid_before_utc <= now < chain[0].not_valid_after_utc:
         raise ConfigError(ErrorCode.PKI_INVALID, f"{files.cert} is not valid now")
+    # Dates were judged above: a first certificate is path-validated as of its own start.
+    verify_leaf(chain[0], ca_cert, identity, now=now if require_valid_now else chain[0].not_valid_before_utc)
     return cert_pem, key_pem, ca_pem
 
 
@@ -136,11 +146,12 @@ class _CertificateReloader:
     for that version of the files, and the next change is tried again.
     """
 
-    def __init__(self, files: TlsFiles) -> None:
+    def __init__(self, files: TlsFiles, identity: PeerIdentity) -> None:
         self.files = files
+        self.identity = identity
         self._lock = threading.Lock()
         self._versions = _file_versions(files)
-        cert, key, ca = _checked_material(files, require_valid_now=False)
+        cert, key, ca = _checked_material(files, identity, require_valid_now=False)
         self.initial = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def __call__(self) -> grpc.ServerCertificateConfiguration | None:
@@ -150,7 +161,7 @@ class _CertificateReloader:
                 if versions == self._versions:
                     return None
                 self._versions = versions  # tried once per version, whatever the outcome
-                cert, key, ca = _checked_material(self.files, require_valid_now=True)
+                cert, key, ca = _checked_material(self.files, self.identity, require_valid_now=True)
                 config = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
             log.info("TLS certificate %s reloaded", self.files.cert)
             return config
@@ -159,12 +170,13 @@ class _CertificateReloader:
             return None
 
 
-def reloading_server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
+def reloading_server_credentials(files: TlsFiles, identity: PeerIdentity) -> grpc.ServerCredentials:
     """Server credentials (client certificates required) that follow changes to `files`.
 
-    Raises ConfigError(PKI_INVALID) if the files are unusable to begin with.
+    Raises ConfigError (PKI_INVALID, CERT_NOT_ISSUED_FOR_US) if the files are unusable
+    for `identity` to begin with.
     """
-    reloader = _CertificateReloader(files)
+    reloader = _CertificateReloader(files, identity)
     return grpc.dynamic_ssl_server_credentials(reloader.initial, reloader, require_client_authentication=True)
 
 
@@ -322,6 +334,7 @@ ANONYMOUS = "anonymous"
 class PeerCertificate:
     spiffe_ids: tuple[str, ...]
     sha256: str
+    spki_sha256: bytes  # raw SHA-256 of its SubjectPublicKeyInfo: the key enrolled on chain (SMP-5a)
 
 
 def peer_name(peer: PeerCertificate | None) -> str:
@@ -353,7 +366,8 @@ class PeerCertificates:
                 uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
             except x509.ExtensionNotFound:
                 uris = ()
-            peer = PeerCertificate(uris, cert_sha256(cert.public_bytes(Encoding.DER)))
+            spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+            peer = PeerCertificate(uris, cert_sha256(cert.public_bytes(Encoding.DER)), hashlib.sha256(spki).digest())
             if len(self._cache) >= self._max_entries:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[pem] = peer

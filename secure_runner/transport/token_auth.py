@@ -135,6 +135,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
                 rpc=rpc,
                 peer_spiffe_ids=peer.spiffe_ids,
                 peer_cert_sha256=peer.sha256,
+                peer_spki_sha256=peer.spki_sha256,
                 body=raw,
                 now=int(self._clock()),
                 started_at=self._started_at,
