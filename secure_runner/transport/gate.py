@@ -114,14 +114,18 @@ class PeerGate(grpc.aio.ServerInterceptor):
         if handler.unary_stream is None:
             raise TypeError(f"{rpc} takes a request stream: the peer gate serves unary requests only")
 
-        async def gated_stream(requests, context):
-            await self._admit(rpc, roles, context)
-            responses = handler.unary_stream(await self._only_request(rpc, context), context)
-            if inspect.isawaitable(responses):  # a servicer that writes with context.write (grpc health's Watch)
-                await responses
-                return
-            async for response in responses:  # a servicer that yields
-                await context.write(response)
+        if inspect.isasyncgenfunction(handler.unary_stream):  # a servicer that yields (FanOut, WatchModels)
+
+            async def gated_stream(requests, context):
+                await self._admit(rpc, roles, context)
+                async for response in handler.unary_stream(await self._only_request(rpc, context), context):
+                    yield response
+
+        else:  # a servicer that writes with context.write (grpc health's Watch)
+
+            async def gated_stream(requests, context):
+                await self._admit(rpc, roles, context)
+                await handler.unary_stream(await self._only_request(rpc, context), context)
 
         return grpc.stream_stream_rpc_method_handler(gated_stream, deserialize, serialize)
 
