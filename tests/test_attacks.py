@@ -14,7 +14,6 @@ import collections
 import json
 import selectors
 import shutil
-import socket
 import time
 from datetime import UTC, datetime, timedelta
 

@@ -270,6 +270,7 @@ async def test_a_certificate_works_only_with_its_own_signing_key(layout, tmp_pat
     )
     denial = runner.audit_entries()[-1]
     assert denial["what"]["kid"] == second_id  # the audit line names the key that signed
+    assert await owner.count() == before  # the crossed call never reached the model
     # Once the first key is revoked, its certificate no longer works with the other key either.
     _edit_registry(private, lambda crunch: crunch["coordinators"][0].update(revoked=True))
     await asyncio.sleep(1.2)

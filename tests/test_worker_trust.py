@@ -9,7 +9,6 @@ serving, and no model is blamed for what the host did to it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil

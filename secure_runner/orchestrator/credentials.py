@@ -25,7 +25,6 @@ from collections.abc import Callable
 from typing import Literal, Protocol
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from secure_runner import pki
 from secure_runner.errors import ConfigError, ErrorCode, SecureRunnerError
@@ -36,7 +35,6 @@ from secure_runner.registry.delegation import verify_runner_delegation
 from secure_runner.smp.identity import PeerIdentity, Role
 from secure_runner.smp.registry import RegistrySnapshot
 from secure_runner.smp.token import issue_delegation
-from secure_runner.transport import tls
 from secure_runner.v1 import orchestrator_pb2
 
 log = logging.getLogger(__name__)
@@ -61,7 +59,7 @@ def sign_delegation(
         pki.load_signing_key(layout.cruncher_identity(info.cruncher_id)),
         crunch_id=crunch_id,
         model_id=info.model_id,
-        spki_sha256=tls.spki_sha256(cert.public_bytes(Encoding.DER)),
+        spki_sha256=certs.spki_sha256_b64url(cert.public_key()),
         now=int(time.time()),
         lifetime=int((cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds()),
     )
@@ -117,7 +115,7 @@ class ProvisionedCredentials:
             token = pki.read_file(path, "delegation")
             verify_runner_delegation(
                 token, registry=self._registry(), crunch_id=self._crunch_id, model_id=info.model_id,
-                presented_spki_sha256=tls.spki_sha256(cert.public_bytes(Encoding.DER)), now=int(time.time()),
+                presented_spki_sha256=certs.spki_sha256_b64url(cert.public_key()), now=int(time.time()),
             )  # fmt: skip
         except SecureRunnerError as exc:
             raise LauncherError(

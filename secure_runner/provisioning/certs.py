@@ -13,7 +13,6 @@ roles), then the exact SPIFFE URI and, when installing, that it certifies our ow
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from datetime import datetime, timezone
 
@@ -28,6 +27,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from secure_runner.errors import AuthError, ConfigError, ErrorCode
 from secure_runner.smp.identity import PeerIdentity, Role
+from secure_runner.smp.token import sha256_b64url
 
 SERVER_ROLES = frozenset({Role.ORCHESTRATOR, Role.RUNNER})  # roles that accept TLS connections
 
@@ -43,7 +43,7 @@ def spki_der(public_key: CertificatePublicKeyTypes) -> bytes:
 
 def spki_sha256_b64url(public_key: CertificatePublicKeyTypes) -> str:
     """What delegations and call tokens name a TLS key by (smp/token.py: `spki`, `dst`)."""
-    return base64.urlsafe_b64encode(hashlib.sha256(spki_der(public_key)).digest()).rstrip(b"=").decode()
+    return sha256_b64url(spki_der(public_key))
 
 
 def spki_sha256_hex(public_key: CertificatePublicKeyTypes) -> str:

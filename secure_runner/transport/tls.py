@@ -31,11 +31,11 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key
+from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
 
 import secure_runner
 from secure_runner.errors import AuthError, ConfigError, ErrorCode, RequestError
-from secure_runner.provisioning.certs import verify_leaf
+from secure_runner.provisioning.certs import spki_der, spki_sha256_b64url, verify_leaf
 from secure_runner.smp.identity import PeerIdentity
 from secure_runner.smp.token import sha256_b64url
 
@@ -125,8 +125,7 @@ def _checked_material(
         key = load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise ConfigError(ErrorCode.PKI_INVALID, f"unusable TLS files ({files.cert}): {exc}") from None
-    spki = Encoding.DER, PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(*spki) != chain[0].public_key().public_bytes(*spki):
+    if spki_der(key.public_key()) != spki_der(chain[0].public_key()):
         raise ConfigError(ErrorCode.PKI_INVALID, f"{files.key} is not the key of {files.cert}")
     now = datetime.now(timezone.utc)
     if require_valid_now and not chain[0].not_valid_before_utc <= now < chain[0].not_valid_after_utc:
@@ -233,7 +232,7 @@ def spki_sha256(der_cert: bytes) -> str:
         public_key = x509.load_der_x509_certificate(der_cert).public_key()
     except ValueError:
         raise AuthError(ErrorCode.PEER_UNAUTHENTICATED, "not a DER X.509 certificate") from None
-    return sha256_b64url(public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+    return spki_sha256_b64url(public_key)
 
 
 def check_tls13_only(host: str, port: int, files: TlsFiles, timeout: float = 5.0) -> None:
@@ -366,8 +365,9 @@ class PeerCertificates:
                 uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
             except x509.ExtensionNotFound:
                 uris = ()
-            spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-            peer = PeerCertificate(uris, cert_sha256(cert.public_bytes(Encoding.DER)), hashlib.sha256(spki).digest())
+            peer = PeerCertificate(
+                uris, cert_sha256(cert.public_bytes(Encoding.DER)), hashlib.sha256(spki_der(cert.public_key())).digest()
+            )
             if len(self._cache) >= self._max_entries:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[pem] = peer
