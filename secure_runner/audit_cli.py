@@ -1,4 +1,4 @@
-"""`secure-runner audit verify FILE [--anchor HASH] [--key KEY]...`: check an audit log.
+"""`secure-runner audit verify FILE [--anchor HASH] [--key=KEY]...`: check an audit log.
 
 Checks the whole log: its rotated segments `FILE.<seq>` oldest first, then the
 live `FILE`, as one hash chain (AUDIT-1..4), and the signed checkpoints in
@@ -47,7 +47,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument(
         "--key", metavar="KEY", action="append",
-        help="a checkpoint public key the writer logged (repeatable): checkpoints signed by others are refused",
+        help="a checkpoint public key the writer logged, written --key=KEY (a base64url key may start with"
+        " '-', which argparse would take for an option); repeatable: checkpoints signed by others are refused",
     )
     return parser
 

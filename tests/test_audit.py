@@ -531,7 +531,7 @@ def test_signed_checkpoints_catch_truncation_and_rewrites(tmp_path: Path, capsys
     assert [json.loads(line)["entries"] for line in checkpoints.read_bytes().splitlines()] == [0, 6]
     assert stat.S_IMODE(checkpoints.stat().st_mode) == 0o600
     assert all(private not in f.read_bytes() for f in tmp_path.iterdir())  # the signing key is never written
-    assert audit_cli.main(["verify", str(path), "--key", key]) == 0
+    assert audit_cli.main(["verify", str(path), f"--key={key}"]) == 0
     assert capsys.readouterr().out.endswith(f"checkpoint key: {key}\n")
     original = path.read_bytes()
 
@@ -567,5 +567,5 @@ def test_signed_checkpoints_catch_truncation_and_rewrites(tmp_path: Path, capsys
     checkpoints.write_bytes(b"".join(signed))
     with AuditLog(path) as log:  # a new run, a new key
         _record(log, 1)
-    assert audit_cli.main(["verify", str(path), "--key", key]) == 1
+    assert audit_cli.main(["verify", str(path), f"--key={key}"]) == 1
     assert capsys.readouterr().err.startswith("secure-runner audit: AUDIT_TAMPERED: checkpoint line 3: ")
