@@ -1,6 +1,6 @@
 """Fan-out speed: this project (full security and sandbox) against raw gRPC and the reference.
 
-Usage: python benchmarks/fanout.py [--models 1,10,50,100] [--rounds 100]
+Usage: python benchmarks/fanout.py [--models 1,10,50,100] [--rounds 100] [--metrics]
 
 Not a test: it prints figures for this machine. For each N it runs, in one process, the same
 fan-out of `echo(prices)` (100 floats, JSON) to N trivial models, back to back:
@@ -16,6 +16,14 @@ server CPU per model call (every server-side process: runners and their workers)
 model (worker RSS) and per runner or node, and the time until all N models answer. Then the
 ratios b/a, b1/c and b/c. Noise: each configuration runs in two halves; the spread of the two
 half medians is printed beside each p50.
+
+`--metrics` (e.g. `--models 50 --rounds 1000 --metrics`) measures what observing costs instead:
+two packed crunches (b) up at once, every metric off in one and on in the other (orchestrator and
+runners serving /metrics, the coordinator's ClientMetrics mounted), taking turns round by round so
+a shared machine's load falls on both alike; done twice, metrics on in the crunch started second
+then first (start order alone moves figures a few percent). It prints all four and the on/off
+ratios of p50, coordinator and server CPU (and the median ratio of neighbouring on and off
+rounds), with a noise gauge: off rounds run just before an on round against those just after one.
 """
 
 from __future__ import annotations
@@ -32,7 +40,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 from nacl.signing import SigningKey, VerifyKey
 
 BENCH = Path(__file__).resolve().parent
@@ -52,7 +59,9 @@ from secure_runner import (  # noqa: E402
     encode_data,
     pki,
 )
+from secure_runner.client.metrics import ClientMetrics  # noqa: E402
 from secure_runner.smp.identity import PeerIdentity  # noqa: E402
+import grpc  # noqa: E402  after secure_runner, which sets grpc's TLS suites before grpc loads (T-1)
 
 CRUNCH = "fanout-bench"
 BASE = BENCH / "reference_model" / "base"
@@ -230,22 +239,42 @@ async def _measure(one_round, rounds: int, n: int, server_pids: list[int]) -> di
 # -- (b), (b1) this project ------------------------------------------------------------------
 
 
-async def run_ours(n: int, rounds: int, tmp: Path, models_per_node: int | None) -> dict:
-    """This project's orchestrator and client; `models_per_node` None: the orchestrator's default."""
+def orchestrator_crunch(n: int, tmp: Path, submission: Path = SUBMISSION, crunch: str = CRUNCH):
+    """A folder (delete it after) with a test PKI for N models m0000.. all running `submission`, and the
+    orchestrator command serving them."""
     folder = Path(tempfile.mkdtemp(dir=tmp))
     model_ids = [f"m{i:04d}" for i in range(n)]
-    layout = pki.make_test_pki(folder / "pki", CRUNCH, [pki.ModelSpec(m, m, "alice", "Alice") for m in model_ids])
+    layout = pki.make_test_pki(folder / "pki", crunch, [pki.ModelSpec(m, m, "alice", "Alice") for m in model_ids])
     submissions = folder / "submissions"
     submissions.mkdir()
     for model_id in model_ids:
-        (submissions / model_id).symlink_to(SUBMISSION)
+        (submissions / model_id).symlink_to(submission)
     command = [
-        sys.executable, "-m", "secure_runner.cli", "orchestrator", "--crunch", CRUNCH,
+        sys.executable, "-m", "secure_runner.cli", "orchestrator", "--crunch", crunch,
         "--submissions", str(submissions), "--pki", str(layout.root), "--base-path", str(BASE),
         "--log-level", "ERROR", "--port", "0", "--stop-models-on-exit",
     ]
+    return folder, layout, command
+
+
+async def run_ours(
+    n: int, rounds: int, tmp: Path, models_per_node: int | None,
+    submission: Path = SUBMISSION, results_seen: list | None = None, metrics: bool = False, measure=None,
+) -> dict:
+    """This project's orchestrator and client; `models_per_node` None: the orchestrator's default.
+
+    `submission`: the model every one of the N runs (an `echo(prices)` returning `prices`).
+    `results_seen`: if given, every round's results are appended to it (the last `rounds`
+    entries are the measured rounds).
+    `metrics`: every metric on (orchestrator and runners serving /metrics, the client's helper mounted).
+    `measure`: what to do once every model answers, `_measure`'s signature (default `_measure`).
+    """
+    folder, layout, command = orchestrator_crunch(n, tmp, submission)
     if models_per_node is not None:
         command += ["--models-per-node", str(models_per_node)]
+    client_metrics = ClientMetrics() if metrics else None
+    if metrics:
+        command += ["--metrics-port", "0"]
     started = time.perf_counter()
     orchestrator = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     client = None
@@ -253,13 +282,15 @@ async def run_ours(n: int, rounds: int, tmp: Path, models_per_node: int | None) 
         port = int(orchestrator.stdout.readline().split()[1])
         client = DynamicSubclassModelConcurrentRunner(
             timeout=30, crunch_id=CRUNCH, host="127.0.0.1", port=port, base_classname=BASE_CLASS,
-            security=CoordinatorSecurity.from_pki_dir(layout.root), connect_timeout=120,
+            security=CoordinatorSecurity.from_pki_dir(layout.root), connect_timeout=120, metrics=client_metrics,
         )
         await client.init()
         arguments = [Argument(position=1, data=Variant(type=VariantType.JSON, value=encode_data(VariantType.JSON, PAYLOAD)))]
 
         async def one_round() -> None:
             results = await client.call("echo", arguments)
+            if results_seen is not None:
+                results_seen.append(results)
             assert len(results) == n and all(r.status is CallStatus.SUCCESS for r in results.values()), [
                 (r.model_id, r.reason, r.message) for r in results.values() if r.status is not CallStatus.SUCCESS
             ][:3]
@@ -267,7 +298,7 @@ async def run_ours(n: int, rounds: int, tmp: Path, models_per_node: int | None) 
         await one_round()
         ready = time.perf_counter() - started
         servers = descendants(orchestrator.pid)
-        result = await _measure(one_round, rounds, n, servers)
+        result = await (measure or _measure)(one_round, rounds, n, servers)
         runners = [pid for pid in servers if "runner" in _cmdline(pid) and "worker" not in _cmdline(pid)]
         workers = [pid for pid in servers if "secure_runner.runner.worker" in _cmdline(pid)]
         result.update(
@@ -276,6 +307,9 @@ async def run_ours(n: int, rounds: int, tmp: Path, models_per_node: int | None) 
             worker_rss_mb=statistics.median(rss_mb(pid) for pid in workers),
             nodes=len(runners),
         )
+        if client_metrics is not None:  # every metric really was on: the client's counted, the servers' listed
+            assert _client_calls_counted(client_metrics) >= rounds * n
+            assert "runner" in (layout.root.parent / "state" / "metrics-targets.json").read_text()
         return result
     finally:
         if client is not None:
@@ -283,6 +317,11 @@ async def run_ours(n: int, rounds: int, tmp: Path, models_per_node: int | None) 
         orchestrator.terminate()
         orchestrator.wait(30)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _client_calls_counted(metrics: ClientMetrics) -> float:
+    (calls,) = (family for family in metrics.registry.collect() if family.name == "secure_runner_client_calls")
+    return sum(sample.value for sample in calls.samples)
 
 
 def _cmdline(pid: int) -> str:
@@ -293,6 +332,72 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+# -- what observing costs -------------------------------------------------------------------
+
+
+async def run_metrics_overhead(n: int, rounds: int, tmp: Path) -> list[dict[bool, dict]]:
+    """The packed shape (b) twice at once, every metric off in one and on in the other, rounds alternating.
+
+    Both crunches are up together and take turns round by round (which goes first alternating too),
+    so the load of a shared machine falls on both alike. The crunch started second measured a few
+    percent faster here with metrics off in both, so it is done twice: metrics on in the crunch
+    started second, then in the one started first. Each: results by metrics on (True) / off (False).
+    """
+    return [await _paired_crunches(n, rounds, tmp, on_first) for on_first in (False, True)]
+
+
+async def _paired_crunches(n: int, rounds: int, tmp: Path, on_first: bool) -> dict[bool, dict]:
+    async def with_first(first_round, _rounds, _n, first_servers) -> dict:
+        async def with_second(second_round, _rounds, _n, second_servers) -> dict:
+            return await _measure_pairs({on_first: first_round, not on_first: second_round},
+                                        {on_first: first_servers, not on_first: second_servers}, rounds, n)
+        return await run_ours(n, rounds, tmp, None, metrics=not on_first, measure=with_second)
+    return await run_ours(n, rounds, tmp, None, metrics=on_first, measure=with_first)
+
+
+async def _measure_pairs(one_round: dict, server_pids: dict, rounds: int, n: int) -> dict[bool, dict]:
+    for _ in range(max(5, rounds // 10)):  # warm-up
+        for on in (False, True):
+            await one_round[on]()
+    times: dict[bool, list[float]] = {False: [], True: []}
+    client_cpu = dict.fromkeys((False, True), 0.0)
+    server_cpu = {on: cpu_seconds(pids) for on, pids in server_pids.items()}
+    for number in range(rounds):
+        for on in (False, True) if number % 2 else (True, False):
+            cpu, started = time.process_time(), time.perf_counter()
+            await one_round[on]()
+            times[on].append(time.perf_counter() - started)
+            client_cpu[on] += time.process_time() - cpu
+    server_cpu = {on: cpu_seconds(pids) - server_cpu[on] for on, pids in server_pids.items()}
+    results = {on: summarize(times[on], rounds * n, client_cpu[on], server_cpu[on]) for on in (False, True)}
+    # Each on round against its off neighbour: the load both saw cancels out of the ratio.
+    results[True]["paired_ratio"] = statistics.median(on / off for on, off in zip(times[True], times[False], strict=True))
+    # Noise gauge, an A/A comparison: the off rounds run just before an on round against those just after one.
+    results[False]["aa_ratio"] = statistics.median(times[False][1::2]) / statistics.median(times[False][::2])
+    return results
+
+
+def _print_metrics_overhead(n: int, rounds: int, arrangements: list[dict[bool, dict]]) -> None:
+    print(f"\nN = {n} models, packed (b), {rounds} rounds each; metrics off and on in two crunches, rounds alternating")
+    print(f"{'metrics on in':<22} {'metrics':<8} {'p50 ms':>8} {'(halves)':>15} {'p99 ms':>8} {'coord CPU':>10}"
+          f" {'server CPU':>11}")
+    for where, results in zip(("the crunch started 2nd", "the crunch started 1st"), arrangements, strict=True):
+        for on in (False, True):
+            r = results[on]
+            halves = "{:.2f}/{:.2f}".format(*r["halves_ms"])
+            print(f"{where:<22} {'on' if on else 'off':<8} {r['p50_ms']:>8.2f} {halves:>15} {r['p99_ms']:>8.2f}"
+                  f" {r['client_cpu_us']:>7.0f} us {r['server_cpu_us']:>8.0f} us")
+    keys = (("p50 round", "p50_ms"), ("coordinator CPU", "client_cpu_us"), ("server CPU", "server_cpu_us"))
+    print("on/off, geometric mean of the two arrangements; start order: the crunch started 2nd against the 1st")
+    for name, key in keys:
+        second, first = (results[True][key] / results[False][key] for results in arrangements)
+        print(f"  {name:<16} {(second * first) ** 0.5:.3f}   start order {(second / first) ** 0.5:.3f}")
+    paired = [results[True]["paired_ratio"] for results in arrangements]
+    gauge = [results[False]["aa_ratio"] for results in arrangements]
+    print(f"  p50 of neighbouring rounds: {(paired[0] * paired[1]) ** 0.5:.3f}; noise (off vs off: before vs after"
+          f" an on round): {gauge[0]:.3f}, {gauge[1]:.3f}")
+
+
 # -- report ------------------------------------------------------------------------------------
 
 
@@ -300,6 +405,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="1,10,50,100")
     parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--metrics", action="store_true",
+                        help="what observing costs: only the packed shape (b), with every metric off and on")
     parser.add_argument("--echo-server", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--echo-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -310,12 +417,18 @@ def main() -> None:
     if args.echo_child:
         _raw_child_main()
         return
+    if args.metrics:
+        with tempfile.TemporaryDirectory(prefix="fanout-bench-") as tmp_name:
+            for n in (int(x) for x in args.models.split(",")):
+                rounds = _rounds_for(n, args.rounds)
+                _print_metrics_overhead(n, rounds, asyncio.run(run_metrics_overhead(n, rounds, Path(tmp_name))))
+        return
     reference_harness.ensure_reference_venv()
     rows = []
     with tempfile.TemporaryDirectory(prefix="fanout-bench-") as tmp_name:
         tmp = Path(tmp_name)
         for n in (int(x) for x in args.models.split(",")):
-            rounds = max(20, args.rounds if n <= 10 else args.rounds // (2 if n <= 50 else 4))
+            rounds = _rounds_for(n, args.rounds)
             results = {
                 "a": asyncio.run(run_raw(n, rounds, tmp)),
                 "b": asyncio.run(run_ours(n, rounds, tmp, None)),
@@ -343,6 +456,11 @@ def main() -> None:
             f"{n:>4} {r['b']['p50_ms'] / r['a']['p50_ms']:>6.2f} {r['b1']['p50_ms'] / r['c']['p50_ms']:>6.2f}"
             f" {r['b']['p50_ms'] / r['c']['p50_ms']:>6.2f}   {r['b']['client_cpu_us'] / r['c']['client_cpu_us']:.2f}"
         )
+
+
+def _rounds_for(n: int, rounds: int) -> int:
+    """Fewer rounds for many models: a round of 100 takes ~20x one of 1."""
+    return max(20, rounds if n <= 10 else rounds // (2 if n <= 50 else 4))
 
 
 def _print_block(n: int, rounds: int, results: dict) -> None:

@@ -32,7 +32,6 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -47,6 +46,7 @@ from secure_runner.smp.token import model_id_field  # noqa: E402
 from secure_runner.transport import tls  # noqa: E402
 from secure_runner.transport.status import TOKEN_KEY, reason_of  # noqa: E402
 from secure_runner.v1 import runner_pb2  # noqa: E402
+import grpc  # noqa: E402  after secure_runner, which sets grpc's TLS suites before grpc loads (T-1)
 
 CRUNCH = "flood"
 MODEL = "counter"

@@ -16,17 +16,27 @@ model-runner-client, no security, one runner process per model), installed by
 benchmarks/reference_harness.py, its coordinator benchmarks/_payload_reference_client.py.
 Per cell: p50 round time with the medians of the two halves of the rounds (the noise gauge),
 coordinator CPU per model call, and the ratio b/c of p50s and of coordinator CPU.
+For this project's 16 MiB cells, also each node's extra memory during a fan-out: after the timed
+rounds, a separate sampler process reads every node (a runner and its workers, found under the
+orchestrator in /proc) every few milliseconds through two more, untimed rounds; the node where
+its peak less its idle figure just before them is largest is printed, as a multiple of the
+encoded payload. A node's memory is the private pages of its processes (USS) plus each memfd
+they hold or map, counted once at its size (the shared payload: its pages are left out of the
+private sums).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
 import sys
+import select
 import tempfile
 import time
 from dataclasses import dataclass
@@ -41,6 +51,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import reference_harness as ref  # noqa: E402
+from procstat import descendants  # noqa: E402
 from secure_runner import (  # noqa: E402
     Argument,
     CallStatus,
@@ -101,6 +112,97 @@ def warmup_rounds(payload: Payload) -> int:
     return 1 if payload.name.endswith("16M") else 2
 
 
+# -- a node's memory ---------------------------------------------------------------------------------
+
+MEMFD_PREFIX = "/memfd:"
+MEMORY_ROUNDS = 2  # untimed rounds of a 16 MiB payload, sampled by another process
+PRIVATE_FIELDS = ("Private_Clean:", "Private_Dirty:")
+
+
+def _private(pid: int) -> int:
+    """USS: the process's private pages (the kernel's sum)."""
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        return sum(int(line.split()[1]) * 1024 for line in rollup if line.startswith(PRIVATE_FIELDS))
+
+
+def _private_outside_memfds(pid: int) -> int:
+    """USS without memfd mappings (a memfd mapped by one process alone shows as private there)."""
+    private, in_memfd = 0, False
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            head = line.split(maxsplit=1)[0]
+            if not head.endswith(":"):  # a mapping's first line: address range, perms, offset, dev, inode, path
+                in_memfd = MEMFD_PREFIX in line
+            elif head in PRIVATE_FIELDS and not in_memfd:
+                private += int(line.split()[1]) * 1024
+    return private
+
+
+def _process_bytes(pid: int, memfds: dict[int, int]) -> int:
+    """`pid`'s private pages outside memfds; each memfd it maps or holds goes to `memfds` (inode: size)."""
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            mapped = [line.split(maxsplit=5) for line in maps if MEMFD_PREFIX in line]
+        for fields in mapped:
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            memfds[int(fields[4])] = max(memfds.get(int(fields[4]), 0), end - start)
+        private = _private_outside_memfds(pid) if mapped else _private(pid)
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(MEMFD_PREFIX):
+                    status = os.stat(f"/proc/{pid}/fd/{fd}")
+                    memfds[status.st_ino] = max(memfds.get(status.st_ino, 0), status.st_size)
+        return private
+    except OSError:  # the process is gone
+        return 0
+
+
+def node_bytes(pids: list[int]) -> int:
+    """A node's memory now (`pids`: its runner and workers): private pages plus each memfd among them, once."""
+    memfds: dict[int, int] = {}
+    private = sum(_process_bytes(pid, memfds) for pid in pids)
+    return private + sum(memfds.values())
+
+
+def sample_nodes(orchestrator_pid: int) -> None:
+    """The sampler process: each node's idle figure, READY, samples until stdin closes, then its peak over idle.
+
+    A process of its own, so that reading /proc shares no GIL with the coordinator being measured.
+    Each node's processes are listed once (its workers are up and stay up through the rounds).
+    """
+    nodes = {pid: [pid, *descendants(pid)] for pid in descendants(orchestrator_pid) if _is_runner(pid)}
+    idle = {runner: node_bytes(pids) for runner, pids in nodes.items()}
+    peak = dict(idle)
+    print("READY", flush=True)
+    while not select.select([sys.stdin], [], [], 0.001)[0]:
+        for runner, pids in nodes.items():
+            peak[runner] = max(peak[runner], node_bytes(pids))
+    print(json.dumps({runner: peak[runner] - idle[runner] for runner in nodes}))
+
+
+async def node_extra_bytes(orchestrator_pid: int, client, arguments: list, payload: Payload, n: int) -> int:
+    """The largest node's extra memory over MEMORY_ROUNDS untimed rounds of `payload`."""
+    sampler = subprocess.Popen([sys.executable, __file__, "--sample-nodes-of", str(orchestrator_pid)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        if (await asyncio.to_thread(sampler.stdout.readline)).strip() != "READY":
+            raise RuntimeError("the memory sampler did not start")
+        for _ in range(MEMORY_ROUNDS):
+            await _checked_round(client, arguments, payload, n)
+        extra, _ = await asyncio.to_thread(sampler.communicate, "", 60)
+        return max(json.loads(extra).values())
+    finally:
+        if sampler.poll() is None:
+            sampler.kill()
+            sampler.wait()
+
+
+def _is_runner(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return b"\0runner\0" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    return False
+
+
 # -- (b) this project ---------------------------------------------------------------------------
 
 
@@ -130,16 +232,16 @@ async def run_ours(n: int, payloads: list[Payload], tmp: Path) -> dict[str, dict
             variant_type = VariantType.Value(payload.type_name)
             arguments = [Argument(position=1, data=Variant(type=variant_type, value=encode_data(variant_type, payload.value)))]
             samples, cpu = [], 0.0
-            for round_number in range(warmup_rounds(payload) + payload.rounds):
+            for _ in range(warmup_rounds(payload)):
+                await _checked_round(client, arguments, payload, n)
+            for _ in range(payload.rounds):
                 cpu_before, started = time.process_time(), time.perf_counter()
-                results = await client.call("echo", arguments)
-                if round_number >= warmup_rounds(payload):
-                    samples.append(time.perf_counter() - started)
-                    cpu += time.process_time() - cpu_before
-                wrong = [(r.model_id, r.reason, r.message) for r in results.values()
-                         if r.status is not CallStatus.SUCCESS or r.output["n"] != payload.count]  # fmt: skip
-                assert len(results) == n and not wrong, (payload.name, wrong[:3])
+                await _checked_round(client, arguments, payload, n)
+                samples.append(time.perf_counter() - started)
+                cpu += time.process_time() - cpu_before
             cells[payload.name] = cell(samples, cpu, payload.rounds * n)
+            if payload.name.endswith("16M"):
+                cells[payload.name]["node_extra_bytes"] = await node_extra_bytes(orchestrator.pid, client, arguments, payload, n)
         return cells
     finally:
         if client is not None:
@@ -147,6 +249,13 @@ async def run_ours(n: int, payloads: list[Payload], tmp: Path) -> dict[str, dict
         orchestrator.terminate()
         orchestrator.wait(30)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+async def _checked_round(client, arguments: list, payload: Payload, n: int) -> None:
+    results = await client.call("echo", arguments)
+    wrong = [(r.model_id, r.reason, r.message) for r in results.values()
+             if r.status is not CallStatus.SUCCESS or r.output["n"] != payload.count]  # fmt: skip
+    assert len(results) == n and not wrong, (payload.name, wrong[:3])
 
 
 # -- (c) the reference ----------------------------------------------------------------------------
@@ -215,7 +324,11 @@ def main() -> None:
     parser.add_argument("--sizes", default="64K,1M,16M")
     parser.add_argument("--rounds", type=int, default=20, help="rounds per 64K cell (fewer for larger sizes)")
     parser.add_argument("--quick", action="store_true", help="half the rounds (for a shared machine)")
+    parser.add_argument("--sample-nodes-of", type=int, help=argparse.SUPPRESS)  # the memory sampler's own process
     args = parser.parse_args()
+    if args.sample_nodes_of:
+        sample_nodes(args.sample_nodes_of)
+        return
     payloads = make_payloads(args.sizes.split(","), args.rounds, args.quick)
     ours, theirs = {}, {}
     with tempfile.TemporaryDirectory(prefix="payload-bench-") as tmp_name:
@@ -239,6 +352,12 @@ def _print_table(n: int, payloads: list[Payload], ours: dict, theirs: dict) -> N
         print(f"{row} {c['p50_ms']:>10.1f} {'{:.1f}/{:.1f}'.format(*c['halves_ms']):>15}"
               f" {b['p50_ms'] / c['p50_ms']:>5.2f} {b['cpu_ms_per_call']:>7.2f} {c['cpu_ms_per_call']:>7.2f}"
               f" {b['cpu_ms_per_call'] / c['cpu_ms_per_call']:>7.2f}")  # fmt: skip
+    for payload in payloads:
+        extra = ours[payload.name].get("node_extra_bytes")
+        if extra is not None:
+            size = len(encode_data(VariantType.Value(payload.type_name), payload.value))
+            print(f"{payload.name}: largest node's extra memory during the rounds {extra / 2**20:.1f} MiB"
+                  f" = {extra / size:.2f}x the payload (target <= 2x)")
 
 
 if __name__ == "__main__":

@@ -48,3 +48,16 @@ def p99(samples: list[float]) -> float:
     """The 99th percentile by nearest rank: with fewer than 100 samples, the slowest."""
     ordered = sorted(samples)
     return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
+
+
+def uss_mb(pid: int) -> float:
+    """Unique set size: the memory only this process maps (Private_Clean + Private_Dirty); 0 if gone."""
+    private = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    private += int(line.split()[1])
+    except OSError:
+        return 0.0
+    return private / 1024

@@ -314,6 +314,7 @@ def run_reference(
     ready_timeout_s: float | None = None,
     interval_s: float = 0.0,
     venv: Path = DEFAULT_VENV,
+    submission: Path = MODEL_SUBMISSION,
 ) -> dict:
     """Run the reference stack for ``n_models`` models and ``rounds`` measured fan-outs.
 
@@ -323,7 +324,8 @@ def run_reference(
     context (n_models, rounds, warmup, versions, failure_reports, wall_s, ...).
     ``interval_s`` > 0 idles that long between measured rounds (a coordinator ticking on a
     clock; runners then pay their wake-up cost per call); the gap is not in the round times,
-    but CPU spent in it is. Every process started here is ended before returning or raising.
+    but CPU spent in it is. ``submission`` is the model every runner hosts: an ``echo(prices)``
+    returning ``prices``. Every process started here is ended before returning or raising.
     """
     if n_models < 1 or rounds < 1:
         raise ValueError("n_models and rounds must be >= 1")
@@ -358,7 +360,7 @@ def run_reference(
             runners.append(subprocess.Popen(
                 [str(runner_python(root)), "-c", RUNNER_BOOT,
                  "--address", f"{HOST}:{model['port']}",
-                 "--code-directory", str(MODEL_SUBMISSION),
+                 "--code-directory", str(submission),
                  "--resource-directory", str(work / "resources")],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=work, env=runner_env,

@@ -29,7 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -51,6 +50,7 @@ from secure_runner.transport.audit_log import AuditLog  # noqa: E402
 from secure_runner.transport.registry_file import RegistryFile  # noqa: E402
 from secure_runner.transport.status import TOKEN_KEY  # noqa: E402
 from secure_runner.v1 import runner_pb2  # noqa: E402
+import grpc  # noqa: E402  after secure_runner, which sets grpc's TLS suites before grpc loads (T-1)
 
 CRUNCH = "bench"
 BASE = ROOT / "tests" / "models" / "base"

@@ -34,10 +34,36 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_metrics_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-port", type=int, default=None,
+        help="serve Prometheus metrics (counts, no secrets) at http://HOST:PORT/metrics; default: off. "
+        "0: any free port, printed in the READY line as metrics=<port>",
+    )
+    parser.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint (default 127.0.0.1)")
+    parser.add_argument(
+        "--metrics-tls", action="store_true",
+        help="serve metrics over mutual TLS 1.3 with this process's own certificate: only scrapers presenting a "
+        "certificate of the crunch CA are answered",
+    )
+
+
+def _metrics_endpoint(args: argparse.Namespace):
+    """The metrics endpoint the flags ask for; None when --metrics-port is not given."""
+    from secure_runner.metrics import MetricsEndpoint
+
+    if args.metrics_port is None:
+        if args.metrics_tls or args.metrics_host != "127.0.0.1":
+            raise SystemExit(f"secure-runner {args.command}: --metrics-host and --metrics-tls need --metrics-port")
+        return None
+    return MetricsEndpoint(port=args.metrics_port, host=args.metrics_host, tls=args.metrics_tls)
+
+
 async def _serve_until_signalled(make_server, make_control=None) -> None:
     """Build the server inside the running loop (grpc.aio binds to it), serve until SIGINT/SIGTERM.
 
     `make_control(server)`, if given, makes the runner's control channel, listening before READY.
+    A server serving metrics names their port in its READY line: `READY <port> metrics=<port>`.
     """
     server = make_server()
     stop = asyncio.Event()
@@ -48,7 +74,8 @@ async def _serve_until_signalled(make_server, make_control=None) -> None:
     channel = make_control(server) if make_control is not None else None
     if channel is not None:
         await channel.start()
-    print(f"READY {port}", flush=True)
+    metrics = f" metrics={server.metrics_server.port}" if server.metrics_server is not None else ""
+    print(f"READY {port}{metrics}", flush=True)
     await stop.wait()
     if channel is not None:
         channel.close()
@@ -110,6 +137,8 @@ def _runner(args: argparse.Namespace) -> int:
         port=args.port,
         limits=sandbox_options.limits_from(args),
         sandbox=sandbox_options.policy_from(args),
+        worker_template=sandbox_options.worker_template_from(args),
+        metrics=_metrics_endpoint(args),
     )
     make_control = None
     if args.control_socket:  # refused before anything starts if the socket's directory is not private
@@ -146,6 +175,7 @@ def _orchestrator(args: argparse.Namespace) -> int:
         credentials_mode=args.credentials,
         runner_log_format=args.log_format,
         chain_config=_chain_config(args, "orchestrator"),
+        metrics=_metrics_endpoint(args),
     )
     launcher = None  # the default: local runner processes
     if args.backend == "kubernetes":
@@ -171,7 +201,7 @@ def _sandbox_check(args: argparse.Namespace) -> int:
     from secure_runner.runner.supervisor import check_sandbox
 
     policy = options.policy_from(args)
-    layers = asyncio.run(check_sandbox(options.limits_from(args), policy))
+    layers = asyncio.run(check_sandbox(options.limits_from(args), policy, options.worker_template_from(args)))
     print(options.format_report(layers, policy))
     return 1 if policy.refusal(layers) else 0
 
@@ -238,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write logs (worker output included) to this file, rotated at 8 MiB, instead of stderr",
     )
     _add_sandbox_flags(runner)
+    _add_metrics_flags(runner)
     _add_common(runner)
     runner.set_defaults(func=_runner)
 
@@ -300,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     orch.add_argument("--host", default="127.0.0.1", help="address to serve on, and runners' too (default 127.0.0.1)")
     orch.add_argument("--port", type=int, default=9091, help="port to serve on (default 9091; 0: any free port)")
+    _add_metrics_flags(orch)  # its runners then serve theirs too, listed in <state>/metrics-targets.json
     _add_common(orch)
     orch.set_defaults(func=_orchestrator)
 
@@ -316,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "models", help="operator: list, stop, redeploy, restart-node, logs (see `secure-runner models --help`)",
         add_help=False,
+    )
+    sub.add_parser(
+        "status", help="a live table of every model: state, node, deployment, uptime, last call, failures "
+        "(see `secure-runner status --help`)", add_help=False,
     )
     return parser
 
@@ -334,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         from secure_runner import operator_cli
 
         return operator_cli.main(argv[1:])
+    if argv[:1] == ["status"]:
+        from secure_runner import status_cli
+
+        return status_cli.main(argv[1:])
     args = build_parser().parse_args(argv)
     log_file = getattr(args, "log_file", None)
     handler = (

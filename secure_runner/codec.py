@@ -33,6 +33,10 @@ The rules, for an auditor:
 - numpy, pyarrow and pandas are optional and imported only for the types that need them.
 - `check_arguments` is the coordinator's pre-send check: it skips values this process
   encoded itself (valid by construction) and decodes any other; workers always decode.
+- A worker decodes a big argument from a read-only-shared, copy-on-write mapping
+  (runner/shared_payload.py) as a memoryview: NDARRAY, PARQUET and ARROW read it in place
+  (a numpy array over the mapping; pyarrow buffers over it), every other type copies it
+  to bytes first (JSON: orjson and the checks around it read bytes; one memcpy).
 """
 
 from __future__ import annotations
@@ -76,6 +80,8 @@ class CodecLimits:
 DEFAULT_LIMITS = CodecLimits()
 
 _NPY_MAGIC = b"\x93NUMPY"
+# numpy's readers refuse an .npy header over 10,000 bytes: this much of a value holds any header they read.
+_NPY_HEADER_BYTES = 16 * 1024
 
 
 def _invalid(message: str) -> CodecError:
@@ -374,11 +380,14 @@ def _decode_json(data: bytes, limits: CodecLimits) -> Any:
 # --- NDARRAY ------------------------------------------------------------------------
 
 
-def _check_npy(data: bytes, limits: CodecLimits, numpy: Any) -> None:
-    """Validate an .npy header against the payload before numpy allocates the array."""
-    if not data.startswith(_NPY_MAGIC):
+def _check_npy(data: bytes | memoryview, limits: CodecLimits, numpy: Any) -> tuple[Any, tuple[int, ...], bool, int]:
+    """Validate an .npy header against the payload before numpy allocates the array.
+
+    Returns the array's dtype, shape, Fortran order and the offset of its data.
+    """
+    if data[: len(_NPY_MAGIC)] != _NPY_MAGIC:
         raise _invalid("not in .npy format")
-    stream = io.BytesIO(data)
+    stream = io.BytesIO(data[:_NPY_HEADER_BYTES])  # numpy refuses a longer header anyway
     npy = numpy.lib.format
     read_header = {
         (1, 0): npy.read_array_header_1_0,
@@ -386,7 +395,7 @@ def _check_npy(data: bytes, limits: CodecLimits, numpy: Any) -> None:
     }.get(npy.read_magic(stream))
     if read_header is None:
         raise _invalid("only .npy format versions 1.0 and 2.0 are accepted")
-    shape, _fortran_order, dtype = read_header(stream)
+    shape, fortran_order, dtype = read_header(stream)
     if dtype.hasobject:
         raise _invalid("arrays of Python objects are refused (they need pickle)")
     if any(side < 0 for side in shape):
@@ -395,6 +404,7 @@ def _check_npy(data: bytes, limits: CodecLimits, numpy: Any) -> None:
     if stream.tell() + count * dtype.itemsize != len(data):
         raise _invalid("data length does not match the header (truncated or trailing)")
     _check_size(count, limits.max_value_bytes, "element count")  # items of zero bytes too
+    return dtype, shape, fortran_order, stream.tell()
 
 
 def _encode_ndarray(value: Any, limits: CodecLimits) -> bytes:
@@ -411,9 +421,13 @@ def _encode_ndarray(value: Any, limits: CodecLimits) -> bytes:
     return data
 
 
-def _decode_ndarray(data: bytes, limits: CodecLimits) -> Any:
+def _decode_ndarray(data: bytes | memoryview, limits: CodecLimits) -> Any:
+    """A writable (private, copy-on-write) mapping is read in place; bytes are copied into a new array."""
     numpy = _numpy()
-    _check_npy(data, limits, numpy)
+    dtype, shape, fortran_order, offset = _check_npy(data, limits, numpy)
+    if isinstance(data, memoryview) and not data.readonly:
+        flat = numpy.frombuffer(data, dtype, count=math.prod(shape), offset=offset)
+        return flat.reshape(shape, order="F" if fortran_order else "C")
     return numpy.load(io.BytesIO(data), allow_pickle=False)
 
 
@@ -421,10 +435,13 @@ def _decode_ndarray(data: bytes, limits: CodecLimits) -> Any:
 
 # The field metadata key that names an Arrow extension type. Reading a schema, pyarrow rebuilds
 # any registered extension type from it by running that type's own deserializer (CVE-2023-47248:
-# PyExtensionType's unpickled). Bytes that hold the key are refused before pyarrow reads them:
-# literally (Arrow IPC schema messages are never compressed) and base64-encoded at each of the three
-# alignments (Parquet keeps the Arrow schema base64-encoded in its footer's "ARROW:schema"; pyarrow
-# decodes one contiguous run of the standard alphabet, so an encoded key shows one of these).
+# PyExtensionType's unpickled). The bytes pyarrow reads a schema from are refused if they hold the
+# key, before pyarrow reads them: a Parquet file's footer (its only metadata pyarrow reads the Arrow
+# schema from), where the key is base64-encoded at one of three alignments ("ARROW:schema"; pyarrow
+# decodes one contiguous run of the standard alphabet, so an encoded key shows one of these forms),
+# and the metadata of every Arrow IPC message, where it is literal (IPC metadata is never
+# compressed). Column data and message bodies, the bulk of a value, are never read as a schema:
+# they are not searched (16 MiB took ~20 ms per decode).
 _EXTENSION_KEY = b"ARROW:extension:name"
 _EXTENSION_KEY_FORMS = (
     _EXTENSION_KEY,
@@ -470,9 +487,30 @@ def _frames() -> Any:
     return pyarrow
 
 
-def _refuse_extension_key(data: bytes) -> None:
-    if any(form in data for form in _EXTENSION_KEY_FORMS):
+def _refuse_extension_key(metadata: bytes) -> None:
+    if any(form in metadata for form in _EXTENSION_KEY_FORMS):
         raise _invalid("Arrow extension types are refused (their deserializers run code)")
+
+
+def _parquet_footer(data: bytes | memoryview) -> bytes:
+    """A copy of the footer of a Parquet file with a plaintext footer (all the metadata pyarrow reads)."""
+    if len(data) < 12 or not (data[:4] == _PARQUET_MAGIC and data[-4:] == _PARQUET_MAGIC):
+        raise _invalid("not a Parquet file with a plaintext footer")
+    (length,) = _UINT32.unpack_from(data, len(data) - 8)
+    if length > len(data) - 12:
+        raise _invalid("the Parquet footer is longer than the file")
+    return bytes(data[len(data) - 8 - length : len(data) - 8])
+
+
+def _check_ipc_messages(pa: Any, buffer: Any) -> None:
+    """An Arrow IPC stream's messages, before pyarrow reads its schema: one schema first, plain metadata, no compression."""
+    for number, message in enumerate(pa.ipc.MessageReader.open_stream(buffer)):
+        if (message.type == "schema") != (number == 0):
+            raise _invalid("an Arrow IPC stream has one schema message, first")
+        metadata = message.metadata.to_pybytes()
+        _refuse_extension_key(metadata)
+        if _ipc_body_compressed(metadata):
+            raise _invalid("compressed Arrow IPC bodies are refused")
 
 
 def _check_count(count: int, limit: int, what: str) -> None:
@@ -643,15 +681,13 @@ def _encode_parquet(value: Any, limits: CodecLimits) -> bytes:
     sink = pa.BufferOutputStream()
     pa.parquet.write_table(table, sink)
     data = sink.getvalue().to_pybytes()
-    _refuse_extension_key(data)  # what we send, we would accept
+    _refuse_extension_key(_parquet_footer(data))  # what we send, we would accept
     return data
 
 
-def _decode_parquet(data: bytes, limits: CodecLimits) -> Any:
+def _decode_parquet(data: bytes | memoryview, limits: CodecLimits) -> Any:
     pa = _frames()
-    _refuse_extension_key(data)
-    if len(data) < 12 or not (data.startswith(_PARQUET_MAGIC) and data.endswith(_PARQUET_MAGIC)):
-        raise _invalid("not a Parquet file with a plaintext footer")
+    _refuse_extension_key(_parquet_footer(data))
     parquet = pa.parquet.ParquetFile(pa.BufferReader(data), pre_buffer=False)
     footer = parquet.metadata
     _check_count(footer.num_rows, limits.max_rows, "rows")
@@ -670,19 +706,14 @@ def _encode_arrow(value: Any, limits: CodecLimits) -> bytes:
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
     data = sink.getvalue().to_pybytes()
-    _refuse_extension_key(data)
+    _check_ipc_messages(pa, pa.py_buffer(data))  # what we send, we would accept
     return data
 
 
-def _decode_arrow(data: bytes, limits: CodecLimits) -> Any:
+def _decode_arrow(data: bytes | memoryview, limits: CodecLimits) -> Any:
     pa = _frames()
-    _refuse_extension_key(data)
     buffer = pa.py_buffer(data)
-    for number, message in enumerate(pa.ipc.MessageReader.open_stream(buffer)):
-        if (message.type == "schema") != (number == 0):
-            raise _invalid("an Arrow IPC stream has one schema message, first")
-        if _ipc_body_compressed(message.metadata.to_pybytes()):
-            raise _invalid("compressed Arrow IPC bodies are refused")
+    _check_ipc_messages(pa, buffer)
     reader = pa.ipc.open_stream(buffer)
     _check_arrow_schema(pa, reader.schema, limits)
     return _to_frame(pa, reader.schema, reader, limits)
@@ -706,6 +737,8 @@ _CODECS: dict[int, tuple[_Encoder, _Decoder]] = {
     VariantType.ARROW: (_encode_arrow, _decode_arrow),
 }
 _NAMES = {variant_type: VariantType.Name(variant_type) for variant_type in _CODECS}
+# Decoders that read a memoryview in place; the others are given bytes.
+_READ_IN_PLACE = frozenset({VariantType.NDARRAY, VariantType.PARQUET, VariantType.ARROW})
 
 
 def _codec(variant_type: Any) -> tuple[str, tuple[_Encoder, _Decoder]]:
@@ -774,13 +807,20 @@ def encode_data(type: int, value: Any, *, limits: CodecLimits = DEFAULT_LIMITS) 
     return data
 
 
-def decode_data(type: int, data: bytes, *, limits: CodecLimits = DEFAULT_LIMITS) -> Any:
-    """Decode wire bytes of VariantType `type`; raise CodecError if they break a rule."""
+def decode_data(type: int, data: bytes | memoryview, *, limits: CodecLimits = DEFAULT_LIMITS) -> Any:
+    """Decode wire bytes of VariantType `type`; raise CodecError if they break a rule.
+
+    A memoryview (of bytes) is read in place by the decoders that can (`_READ_IN_PLACE`).
+    """
     name, (_, decode) = _codec(type)
-    if not isinstance(data, (bytes, bytearray)):
+    if not isinstance(data, (bytes, bytearray, memoryview)):
         raise _wrong_type("bytes", data)
+    if isinstance(data, memoryview) and (data.ndim != 1 or data.itemsize != 1):
+        raise _wrong_type("a memoryview of bytes", data)
     _check_size(len(data), limits.max_value_bytes, f"encoded {name} size in bytes")
-    return _guarded(f"cannot decode {name}", decode, bytes(data), limits)
+    if not (isinstance(data, memoryview) and type in _READ_IN_PLACE):
+        data = bytes(data)
+    return _guarded(f"cannot decode {name}", decode, data, limits)
 
 
 # Inference order matters: bool is a subclass of int.
@@ -837,17 +877,21 @@ def _check_keyword(name: Any) -> None:
         )
 
 
-def _decode_argument(where: str, variant: Variant, limits: CodecLimits) -> Any:
+def _decode_argument(where: str, variant: Variant, limits: CodecLimits, data: bytes | memoryview | None = None) -> Any:
+    """Decode one argument's value: its variant's own bytes, or `data` if given."""
     try:
-        return from_variant(variant, limits=limits)
+        return decode_data(variant.type, variant.value if data is None else data, limits=limits)
     except CodecError as exc:
         raise CodecError(exc.code, f"{where}: {exc.message}") from None
 
 
 def _call_values(
     arguments: Sequence[Argument], kwargs: Sequence[KwArgument], max_arguments: int
-) -> list[tuple[str, Variant]]:
-    """A call's values in order, each named for messages: positions exactly 1..n, unique identifier keywords."""
+) -> list[tuple[str, int | str, Variant]]:
+    """A call's values in order, each named for messages and keyed by its position or keyword.
+
+    Positions must be exactly 1..n, keywords unique identifiers.
+    """
     if len(arguments) + len(kwargs) > max_arguments:
         raise _bad_arguments(
             f"{len(arguments) + len(kwargs)} arguments exceed the limit of {max_arguments}"
@@ -862,7 +906,9 @@ def _call_values(
         if kwarg.keyword in keywords:
             raise _bad_arguments(f"keyword {kwarg.keyword!r} is repeated")
         keywords.add(kwarg.keyword)
-    return [(f"argument {a.position}", a.data) for a in ordered] + [(f"keyword {k.keyword}", k.data) for k in kwargs]
+    return [(f"argument {a.position}", a.position, a.data) for a in ordered] + [
+        (f"keyword {k.keyword}", k.keyword, k.data) for k in kwargs
+    ]
 
 
 def decode_arguments(
@@ -871,9 +917,22 @@ def decode_arguments(
     *,
     limits: CodecLimits = DEFAULT_LIMITS,
     max_arguments: int = 256,
+    shared: Mapping[int | str, memoryview] | None = None,
 ) -> tuple[list[Any], dict[str, Any]]:
-    """Decode a call's arguments: positions exactly 1..n, unique identifier keywords."""
-    values = [_decode_argument(where, variant, limits) for where, variant in _call_values(arguments, kwargs, max_arguments)]
+    """Decode a call's arguments: positions exactly 1..n, unique identifier keywords.
+
+    `shared`: the bytes of values moved out of the request (a worker's shared payload), by
+    position or keyword; such a value's own bytes must be empty, and each must name one.
+    """
+    unused = dict(shared or {})
+    values = []
+    for where, key, variant in _call_values(arguments, kwargs, max_arguments):
+        data = unused.pop(key, None)
+        if data is not None and variant.value:
+            raise _bad_arguments(f"{where}: has bytes both in the request and in the shared payload")
+        values.append(_decode_argument(where, variant, limits, data))
+    if unused:
+        raise _bad_arguments(f"the shared payload names values the call does not have: {sorted(map(str, unused))}")
     return values[: len(arguments)], {kwarg.keyword: value for kwarg, value in zip(kwargs, values[len(arguments) :])}
 
 
@@ -890,7 +949,7 @@ def check_arguments(
     raise and blame no model: a value made here by `encode_data` or `encode_arguments`
     under the same limits is valid by construction; any other value is decoded once.
     """
-    for where, variant in _call_values(arguments, kwargs, max_arguments):
+    for where, _key, variant in _call_values(arguments, kwargs, max_arguments):
         if _sent_key(variant.type, variant.value, limits) not in _SENT:
             _decode_argument(where, variant, limits)
 

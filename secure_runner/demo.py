@@ -19,7 +19,7 @@ from secure_runner.client.results import CallResult, ModelIdentity
 from secure_runner.client.security import CoordinatorSecurity
 from secure_runner.codec import encode_data
 from secure_runner.errors import ConfigError, ErrorCode
-from secure_runner.orchestrator.local import LocalOrchestrator, LocalOrchestratorSettings
+from secure_runner.orchestrator.local import LocalOrchestrator, LocalOrchestratorSettings, StartProgress
 from secure_runner.runner.sandbox.policy import SandboxPolicy, WorkerLimits
 from secure_runner.runner.supervisor import check_sandbox
 from secure_runner.v1.values_pb2 import Argument, Variant, VariantType
@@ -65,6 +65,16 @@ def format_table(title: str, results: dict[ModelIdentity, CallResult]) -> str:
     return "\n".join(lines)
 
 
+def print_progress(progress: StartProgress) -> None:
+    """`started k of N`, naming the node's models; a failed runner named with its reason."""
+    what = f"{progress.node_id} ({', '.join(progress.model_ids)})"
+    if progress.up:
+        print(f"orchestrator: started {progress.started} of {progress.total} runners: {what}", flush=True)
+    else:
+        print(f"orchestrator: runner {progress.started} of {progress.total} FAILED: {what}: "
+              f"{progress.failed.get(progress.node_id, 'not started')[:200]}", flush=True)
+
+
 def _json_argument(value) -> list[Argument]:
     return [Argument(position=1, data=Variant(type=VariantType.JSON, value=encode_data(VariantType.JSON, value)))]
 
@@ -86,10 +96,12 @@ async def run_demo(rounds: int = 3, examples: Path | None = None, timeout: float
                 runner_log_level="ERROR",
                 allow_missing_layers=missing,
                 stop_models_on_exit=True,  # the demo leaves no runner behind
-            )
+            ),
+            progress=print_progress,
         )
+        print(f"orchestrator: starting the runners of {len(MODELS)} models")
         port = await orchestrator.start()
-        print(f"orchestrator: mTLS on 127.0.0.1:{port}, {len(MODELS)} runners started")
+        print(f"orchestrator: mTLS on 127.0.0.1:{port}")
         runner = DynamicSubclassModelConcurrentRunner(
             timeout=timeout,
             crunch_id=CRUNCH_ID,

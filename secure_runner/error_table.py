@@ -132,6 +132,8 @@ ERROR_TABLE: dict[ErrorCode, ErrorSpec] = {
     ErrorCode.SANDBOX_UNAVAILABLE: ErrorSpec("INTERNAL", INFRASTRUCTURE),
     ErrorCode.MODEL_OUTPUT_TOO_LARGE: ErrorSpec("INTERNAL", MODEL, restarts_worker=True),
     ErrorCode.WORKER_STARVED: ErrorSpec("INTERNAL", INFRASTRUCTURE, restarts_worker=True),
+    # The runner sends only sealed memfds of the size it announces: a refusal is the worker's own doing.
+    ErrorCode.SHARED_PAYLOAD_REFUSED: ErrorSpec("INTERNAL", MODEL),
     # The audit log and the peer gate.
     ErrorCode.AUDIT_MALFORMED: ErrorSpec("INTERNAL", INFRASTRUCTURE),
     ErrorCode.AUDIT_TAMPERED: ErrorSpec("INTERNAL", INFRASTRUCTURE),
@@ -155,3 +157,15 @@ ERROR_TABLE: dict[ErrorCode, ErrorSpec] = {
 def spec_of(code: ErrorCode) -> ErrorSpec:
     """The row of a code (every ErrorCode has one: tests/test_error_table.py)."""
     return ERROR_TABLE[code]
+
+
+OK_LABEL, OTHER_LABEL = "OK", "OTHER"
+_REASON_LABELS = {code.value: code.value for code in ErrorCode} | {"": OK_LABEL, OK_LABEL: OK_LABEL}
+
+
+def reason_label(code: str) -> str:
+    """A result's or decision's reason as a metric label: this table's code, OK, or OTHER for anything else.
+
+    The metrics' reason label set is this table (issue 15): a code a peer made up is never a label value.
+    """
+    return _REASON_LABELS.get(code, OTHER_LABEL)

@@ -105,6 +105,7 @@ class ErrorCode(StrEnum):
     SANDBOX_UNAVAILABLE = "SANDBOX_UNAVAILABLE"
     MODEL_OUTPUT_TOO_LARGE = "MODEL_OUTPUT_TOO_LARGE"  # a worker's answer over the runner's cap: refused unread
     WORKER_STARVED = "WORKER_STARVED"  # past its deadline while waiting for a CPU: the host's fault, not the model's
+    SHARED_PAYLOAD_REFUSED = "SHARED_PAYLOAD_REFUSED"  # a worker refused the descriptor of a call's shared payload
 
     # The audit log (smp/audit.py, transport/audit_log.py, `secure-runner audit verify`).
     AUDIT_MALFORMED = "AUDIT_MALFORMED"

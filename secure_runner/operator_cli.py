@@ -74,15 +74,20 @@ class OperatorClient:
     async def __aexit__(self, *exc) -> None:
         await self._channel.close()
 
-    async def call(self, name: str, request, response_type):
+    def signed(self, rpc: str, request) -> tuple[bytes, tuple[tuple[str, bytes]]]:
+        """The request's bytes and the metadata carrying its token, signed for `rpc` on this orchestrator."""
         body = request.SerializeToString()  # field 1, the subject, comes first
         _subject, targets = subject_and_targets(request)
         token = self._signer.sign(
             audience=targets, destinations=[self._destination], cert_sha256=self._cert_sha256,
-            rpc=SERVICE + name, method="", shared_body=split_model_id(body)[1],
+            rpc=rpc, method="", shared_body=split_model_id(body)[1],
         )
+        return body, ((TOKEN_KEY, token),)
+
+    async def call(self, name: str, request, response_type):
+        body, metadata = self.signed(SERVICE + name, request)
         stub = self._channel.unary_unary(SERVICE + name, response_deserializer=response_type.FromString)
-        return await stub(body, metadata=((TOKEN_KEY, token),), timeout=CALL_TIMEOUT_SECONDS)
+        return await stub(body, metadata=metadata, timeout=CALL_TIMEOUT_SECONDS)
 
     async def list(self) -> operator_pb2.OperatorModelList:
         return await self.call(
@@ -129,12 +134,32 @@ def format_models(listing: operator_pb2.OperatorModelList) -> str:
     return "\n".join(lines)
 
 
-async def _run(args: argparse.Namespace) -> int:
-    credentials = OperatorCredentials(
-        tls.TlsFiles(args.cert or args.layout.operator_cert, args.key or args.layout.operator_key,
-                     args.ca or args.layout.ca_cert),
-        args.identity or args.layout.operator_identity,
-    )
+def add_connection_flags(parser: argparse.ArgumentParser, party: str) -> None:
+    """The crunch, the orchestrator's address, and the credentials of `party` (operator or coordinator)."""
+    parser.add_argument("--crunch", required=True, help="the crunch id")
+    parser.add_argument("--host", default="127.0.0.1", help="the orchestrator's host (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=9091, help="the orchestrator's port (default 9091)")
+    parser.add_argument("--pki", type=Path, help=f"a `pki init` folder: its {party}/ files are used")
+    parser.add_argument("--cert", type=Path, help=f"the {party}'s TLS certificate (default: from --pki)")
+    parser.add_argument("--key", type=Path, help="its TLS key (default: from --pki)")
+    parser.add_argument("--ca", type=Path, help="the crunch CA certificate (default: from --pki)")
+    parser.add_argument("--identity", type=Path, help=f"the {party}'s Ed25519 signing key (default: from --pki)")
+
+
+def credentials_from(args: argparse.Namespace, party: str) -> OperatorCredentials | None:
+    """The files given, the rest from --pki's `party` files; None if a file is missing and --pki was not given."""
+    if args.pki is None and None in (args.cert, args.key, args.ca, args.identity):
+        return None
+    layout = pki.PkiLayout(args.pki or Path())
+    cert, key, identity = {
+        "operator": (layout.operator_cert, layout.operator_key, layout.operator_identity),
+        "coordinator": (layout.coordinator_cert, layout.coordinator_key, layout.coordinator_identity),
+    }[party]
+    return OperatorCredentials(tls.TlsFiles(args.cert or cert, args.key or key, args.ca or layout.ca_cert),
+                               args.identity or identity)
+
+
+async def _run(args: argparse.Namespace, credentials: OperatorCredentials) -> int:
     async with OperatorClient(args.crunch, args.host, args.port, credentials) as client:
         if args.action == "list":
             print(format_models(await client.list()))
@@ -151,14 +176,7 @@ async def _run(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="secure-runner models", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--crunch", required=True, help="the crunch id")
-    parser.add_argument("--host", default="127.0.0.1", help="the orchestrator's host (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=9091, help="the orchestrator's port (default 9091)")
-    parser.add_argument("--pki", type=Path, help="a `pki init` folder: its operator/ files are used")
-    parser.add_argument("--cert", type=Path, help="the operator's TLS certificate (default: from --pki)")
-    parser.add_argument("--key", type=Path, help="its TLS key (default: from --pki)")
-    parser.add_argument("--ca", type=Path, help="the crunch CA certificate (default: from --pki)")
-    parser.add_argument("--identity", type=Path, help="the operator's Ed25519 signing key (default: from --pki)")
+    add_connection_flags(parser, "operator")
     actions = parser.add_subparsers(dest="action", required=True)
     actions.add_parser("list", help="every model with its state, node, address, deployment, restarts, last failure")
     for name, what, target in (("stop", "stop one model", "MODEL"), ("redeploy", "redeploy one model", "MODEL"),
@@ -172,14 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    missing = [f for f, v in (("--cert", args.cert), ("--key", args.key), ("--ca", args.ca),
-                               ("--identity", args.identity)) if v is None and args.pki is None]
-    if missing:
-        print(f"secure-runner models: give --pki or {', '.join(missing)}", file=sys.stderr)
+    credentials = credentials_from(args, "operator")
+    if credentials is None:
+        print("secure-runner models: give --pki, or each of --cert, --key, --ca, --identity", file=sys.stderr)
         return 2
-    args.layout = pki.PkiLayout(args.pki or Path())
     try:
-        return asyncio.run(_run(args))
+        return asyncio.run(_run(args, credentials))
     except grpc.aio.AioRpcError as exc:
         print(f"secure-runner models: refused: {exc.code().name} {reason_of(exc) or ''}: {exc.details()}",
               file=sys.stderr)

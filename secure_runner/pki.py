@@ -55,10 +55,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -139,6 +141,49 @@ def public_key_raw(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
 
 # --------------------------------------------------------------------------- files
 
+_WRITTEN: ContextVar[Callable[[str], None] | None] = ContextVar("pki_written", default=None)
+
+
+@contextlib.contextmanager
+def reporting_writes(report: Callable[[str], None]) -> Iterator[None]:
+    """Inside the block, each file written here is reported to `report` as one line.
+
+    `wrote <path>: <kind>`, and for a certificate its subject, SPIFFE id and expiry.
+    The `secure-runner pki` commands print these on stderr (stdout stays for what a
+    command prints to be piped: public material, listings); library callers, such as
+    the orchestrator issuing runner certificates, stay silent.
+    """
+    token = _WRITTEN.set(report)
+    try:
+        yield
+    finally:
+        _WRITTEN.reset(token)
+
+
+def note_written(path: Path | str, kind: str) -> None:
+    """Report one written file (see `reporting_writes`); nothing outside such a block."""
+    if (report := _WRITTEN.get()) is not None:
+        report(f"wrote {path}: {kind}")
+
+
+def _certificate_kind(cert: x509.Certificate) -> str:
+    extensions = {type(ext.value): ext.value for ext in cert.extensions}
+    is_ca = getattr(extensions.get(x509.BasicConstraints), "ca", False)
+    sans = extensions.get(x509.SubjectAlternativeName)
+    uris = sans.get_values_for_type(x509.UniformResourceIdentifier) if sans is not None else []
+    name = f", {uris[0]}" if uris else ""
+    return (f"{'CA ' if is_ca else ''}certificate, subject {cert.subject.rfc4514_string()}{name}, "
+            f"expires {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
+
+
+CURVE_NAMES = {"secp256r1": "P-256"}  # as the README and the design name them
+
+
+def _key_kind(key: CertificateIssuerPrivateKeyTypes) -> str:
+    curve = getattr(key, "curve", None)
+    algorithm = "Ed25519" if isinstance(key, Ed25519PrivateKey) else f"ECDSA {CURVE_NAMES.get(curve.name, curve.name)}"
+    return f"{algorithm} private key, mode 0600"
+
 
 def _atomic_write(path: Path, data: bytes, mode: int) -> None:
     """Write `data` to `path` via a temp file created with `mode`, then rename over `path`."""
@@ -174,6 +219,7 @@ def write_private_key(path: Path | str, key: CertificateIssuerPrivateKeyTypes) -
         _atomic_write(Path(path), pem, 0o600)
     except OSError as exc:
         raise ConfigError(ErrorCode.PKI_INVALID, f"cannot write private key {path}: {exc.strerror or exc}") from None
+    note_written(path, _key_kind(key))
 
 
 def write_certificate(path: Path | str, cert: x509.Certificate) -> None:
@@ -182,20 +228,22 @@ def write_certificate(path: Path | str, cert: x509.Certificate) -> None:
         _atomic_write(Path(path), cert.public_bytes(serialization.Encoding.PEM), 0o644)
     except OSError as exc:
         raise ConfigError(ErrorCode.PKI_INVALID, f"cannot write certificate {path}: {exc.strerror or exc}") from None
+    note_written(path, _certificate_kind(cert))
 
 
-def write_public_file(path: Path | str, data: bytes) -> None:
+def write_public_file(path: Path | str, data: bytes, kind: str = "public file") -> None:
     """Write public material (a CSR, a delegation, a public-key file) atomically, mode 0644."""
     try:
         _atomic_write(Path(path), data, 0o644)
     except OSError as exc:
         raise ConfigError(ErrorCode.PKI_INVALID, f"cannot write {path}: {exc.strerror or exc}") from None
+    note_written(path, kind)
 
 
 def write_registry(path: Path | str, data: bytes | Registry) -> None:
     """Write a registry file after parsing it (a file that would not load is refused here, not at the reader)."""
     registry = data if isinstance(data, Registry) else Registry.from_json(data)
-    write_public_file(path, (registry.to_json() + "\n").encode())
+    write_public_file(path, (registry.to_json() + "\n").encode(), "registry")
 
 
 def read_file(path: Path | str, what: str) -> bytes:
@@ -585,6 +633,14 @@ class _UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    """Every `pki` command and group takes --quiet, before or after its verb."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # SUPPRESS: a subcommand's default must not overwrite a --quiet given to its group.
+        self.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                          help="do not list the files written (each is otherwise a `wrote PATH: KIND` line on stderr)")
+
     def error(self, message: str) -> None:  # type: ignore[override]
         raise _UsageError(message)
 
@@ -686,7 +742,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
-        return args.func(args)
+        if getattr(args, "quiet", False):
+            return args.func(args)
+        with reporting_writes(lambda line: print(line, file=sys.stderr, flush=True)):
+            return args.func(args)
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
     except _UsageError as exc:

@@ -103,7 +103,9 @@ class RunnerProcess:
         if not line.startswith("READY "):
             self.proc.kill()
             raise RuntimeError(f"runner did not start: {line!r}")
-        self.port = int(line.split()[1])
+        words = line.split()
+        self.port = int(words[1])
+        self.metrics_port = int(words[2].removeprefix("metrics=")) if len(words) > 2 else None  # --metrics-port
         self.address = f"127.0.0.1:{self.port}"
 
     def command(self, line: bytes) -> str:
@@ -439,3 +441,21 @@ def idle_connections(port: int, idle: int, half_open_tls: int) -> Iterator[list[
             sock.connect_ex(("127.0.0.1", port))
             sockets.append(sock)
         yield sockets
+
+
+@contextlib.contextmanager
+def orchestrator_process(layout: pki.PkiLayout, submissions: Path, *extra: str) -> Iterator[int]:
+    """`secure-runner orchestrator` as a real process on a free port; yields the port; its runners end with it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "secure_runner.cli", "orchestrator", "--crunch", CRUNCH, "--submissions",
+         str(submissions), "--pki", str(layout.root), "--base-path", str(BASE_PATH), "--log-level", "WARNING",
+         "--stop-models-on-exit", "--port", "0", *extra],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("READY "), line
+        yield int(line.split()[1])
+    finally:
+        proc.terminate()
+        proc.wait(30)

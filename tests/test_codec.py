@@ -1112,3 +1112,69 @@ async def test_a_sandboxed_model_reads_and_returns_data_frames(layout, fresh_run
         pd.testing.assert_frame_equal(from_variant(response.output), expected)
     finally:
         await client.close()
+
+
+# -- values read in place from a worker's shared payload (runner/shared_payload.py) ----------------------
+
+
+def private_mapping(data: bytes) -> memoryview:
+    """`data` as a worker sees a shared payload: a view of a private (copy-on-write) mapping of a memfd."""
+    import mmap
+    import os
+
+    fd = os.memfd_create("codec-test")
+    try:
+        os.write(fd, data)
+        return memoryview(mmap.mmap(fd, len(data), access=mmap.ACCESS_COPY))
+    finally:
+        os.close(fd)
+
+
+def test_an_array_is_read_in_place_from_a_private_mapping_and_stays_writable() -> None:
+    array = np.arange(24, dtype=np.float64).reshape(2, 3, 4, order="F")
+    view = private_mapping(encode_data(V.NDARRAY, array))
+    decoded = decode_data(V.NDARRAY, view)
+    np.testing.assert_array_equal(decoded, array)
+    assert decoded.flags.f_contiguous and np.shares_memory(decoded, np.frombuffer(view, np.uint8))
+    decoded[0, 0, 0] = -1.0  # the model's own copy-on-write page
+    readonly = decode_data(V.NDARRAY, memoryview(encode_data(V.NDARRAY, array)))
+    assert readonly.flags.writeable  # a read-only buffer is copied, as bytes are
+    refused(ErrorCode.INVALID_VALUE, decode_data, V.NDARRAY, private_mapping(encode_data(V.NDARRAY, array) + b"\0"))
+
+
+@pytest.mark.parametrize("variant_type", [*FRAME_TYPES, V.JSON, V.STRING])
+def test_every_type_decodes_a_mapping_as_it_decodes_bytes(variant_type: int) -> None:
+    value = {V.JSON: [0.1, 2, {"k": None}], V.STRING: "naïve"}.get(variant_type, pd.DataFrame({"x": [1.5, 2.5]}))
+    data = encode_data(variant_type, value)
+    decoded = decode_data(variant_type, private_mapping(data))
+    if isinstance(value, pd.DataFrame):
+        pd.testing.assert_frame_equal(decoded, decode_data(variant_type, data))
+    else:
+        assert decoded == value
+
+
+def test_frame_column_data_is_not_read_as_a_schema() -> None:
+    """Only the bytes pyarrow reads a schema from are searched for the extension key: a value may hold it.
+
+    (Not as a column's minimum or maximum: Parquet keeps those in its footer, which is searched.)
+    """
+    frame = pd.DataFrame({"s": ["A", "ARROW:extension:name", "QVJST1c6ZXh0ZW5zaW9uOm5hbWU=", "Z"]})
+    for variant_type in FRAME_TYPES:
+        pd.testing.assert_frame_equal(decode_data(variant_type, frame_bytes(variant_type, pa.Table.from_pandas(frame))), frame)
+    data = reference_parquet(pa.Table.from_pandas(frame))
+    bogus = data[:-8] + struct.pack("<I", len(data)) + b"PAR1"  # a footer longer than the file
+    refused(ErrorCode.INVALID_VALUE, decode_data, V.PARQUET, bogus)
+
+
+def test_shared_values_replace_the_empty_values_they_name() -> None:
+    arguments, kwargs = encode_arguments([1], {"frame": "x"})
+    big = np.arange(4.0)
+    arguments.append(Argument(position=2, data=Variant(type=V.NDARRAY)))
+    kwargs.append(KwArgument(keyword="table", data=Variant(type=V.NDARRAY)))
+    shared = {2: private_mapping(encode_data(V.NDARRAY, big)), "table": private_mapping(encode_data(V.NDARRAY, big))}
+    args, named = decode_arguments(arguments, kwargs, shared=shared)
+    assert args[0] == 1 and named["frame"] == "x"
+    np.testing.assert_array_equal(args[1], big)
+    np.testing.assert_array_equal(named["table"], big)
+    refused(ErrorCode.INVALID_ARGUMENTS, decode_arguments, arguments, kwargs, shared={**shared, 3: shared[2]})
+    refused(ErrorCode.INVALID_ARGUMENTS, decode_arguments, arguments, kwargs, shared={**shared, 1: shared[2]})

@@ -231,6 +231,9 @@ async def test_malformed_control_lines_are_refused_and_the_runner_serves_on(layo
         answer = runner.command(f"STATUS {NODE}".encode()).split(" ", 4)
         assert answer[:4] == ["OK", "STATUS", NODE, "test-deployment"]
         assert set(json.loads(answer[4])) == {"async-model"}
+        calls = json.loads(answer[4])["async-model"]["calls"]  # the runner's own counters (Setup is no call)
+        assert (calls["calls"], calls["failures"], calls["last_status"], calls["last_failure_code"]) == (1, 0, "SUCCESS", "")
+        assert calls["last_latency_us"] > 0 and calls["last_call_ms"] > 0
 
         runner.close_control()  # the orchestrator going away ends nothing: the runner serves on
         await asyncio.sleep(0.2)

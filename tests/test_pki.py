@@ -439,14 +439,33 @@ def test_cli_init_writes_the_layout(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert entry is not None and (entry.model_name, entry.cruncher_id, entry.cruncher_name) == (
         "Model One", "alice", "Alice",
     )  # fmt: skip
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert _coordinator_key_id(layout) in printed
     assert str(layout.runner_cert("m1")) in printed
+    # Every file written is a line on stderr: its path and kind, for a certificate its subject and expiry.
+    wrote = {line.split(": ", 1)[0].removeprefix("wrote "): line.split(": ", 1)[1] for line in captured.err.splitlines()}
+    assert all(line.startswith("wrote ") for line in captured.err.splitlines())
+    assert set(wrote) == {str(p) for p in out.rglob("*") if p.is_file()}
+    assert wrote[str(layout.ca_key)] == wrote[str(layout.runner_key("m1"))] == "ECDSA P-256 private key, mode 0600"
+    assert wrote[str(layout.coordinator_identity)] == "Ed25519 private key, mode 0600"
+    runner_cert = load_certificate(layout.runner_cert("m1"))
+    assert wrote[str(layout.runner_cert("m1"))] == (
+        f"certificate, subject {runner_cert.subject.rfc4514_string()}, spiffe://c1/runner/m1, "
+        f"expires {runner_cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"
+    )
+    assert wrote[str(layout.ca_cert)].startswith("CA certificate, subject CN=") and wrote[str(layout.registry)] == "registry"
 
-    # Again without --force: refused; with --force: fine.
+    # Again without --force: refused; with --force: fine; --quiet (before or after the verb) lists nothing.
     assert main(["init", str(out), "--crunch", "c1"]) == 2
     assert "--force" in capsys.readouterr().err
-    assert main(["init", str(out), "--crunch", "c1", "--force"]) == 0
+    assert main(["init", str(out), "--crunch", "c1", "--force", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["-q", "renew", str(out)]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["renew", str(out)]) == 0
+    renewed = capsys.readouterr()
+    assert renewed.err.count("wrote ") == int(renewed.out.split()[1]) == 3  # coordinator, operator, orchestrator
 
 
 @pytest.mark.parametrize(

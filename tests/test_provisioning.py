@@ -212,6 +212,40 @@ def test_the_ca_names_the_certificate_from_the_approval_and_refuses_on_the_comma
     assert "Traceback" not in done.stderr and not (tmp_path / "m1.crt").exists()
 
 
+def test_each_pki_command_lists_what_it_wrote_on_stderr_unless_quiet(parties, tmp_path) -> None:
+    """A party's commands keep stdout for what they print to be sent on; stderr names each file written."""
+    def run(*args: object) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "secure_runner.cli", "pki", *map(str, args)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    home = tmp_path / "coord"
+    done = run("coordinator", "init", "--dir", home, "--crunch", CRUNCH, "--public-out", home / "public.json")
+    assert done.stdout.startswith("{") and "wrote " not in done.stdout  # stdout: what it printed before
+    key_id = json.loads((home / "public.json").read_text())["keys"][0]["key_id"]
+    assert done.stderr.splitlines() == [
+        f"wrote {home / 'coordinator' / 'identity.key'}: Ed25519 private key, mode 0600",
+        f"wrote {home / 'coordinator' / 'tls.key'}: ECDSA P-256 private key, mode 0600",
+        f"wrote {home / 'coordinator' / 'tls.csr'}: certificate signing request",
+        f"wrote {home / 'public.json'}: public material to register (JSON)",
+    ]
+    authority = shutil.copytree(parties["operator"], tmp_path / "op")
+    out = tmp_path / "coordinator.crt"
+    done = run("ca", "sign", "--dir", authority, "--csr", home / "coordinator" / "tls.csr", "--role", "coordinator",
+               "--id", key_id, "--out", out)
+    cert = pki.load_certificate(out)
+    serial = format(cert.serial_number, "x")
+    assert done.stderr.splitlines() == [
+        f"wrote {authority / 'issued.jsonl'}: issuance log, one line appended (sign serial {serial})",
+        f"wrote {out}: certificate, subject {cert.subject.rfc4514_string()}, {certs.uri_sans(cert)[0]}, "
+        f"expires {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC",
+    ]
+    quiet = run("ca", "sign", "--quiet", "--dir", authority, "--csr", home / "coordinator" / "tls.csr", "--role",
+                "coordinator", "--id", key_id, "--out", out)
+    assert quiet.stderr == "" and quiet.stdout.startswith("issued ")
+
+
 def test_renewal_keeps_the_identity_and_key_or_takes_a_new_csr_for_it(parties, tmp_path) -> None:
     authority = ca.CaFolder(shutil.copytree(parties["operator"], tmp_path / "op"))
     old = pki.load_certificate(parties["host"] / "runners" / "counter" / "tls.crt")

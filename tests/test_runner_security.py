@@ -28,6 +28,7 @@ from secure_runner.smp.token import IMPLICIT_ASSERTION, model_id_field
 from secure_runner.transport import tls
 from secure_runner.transport.registry_file import REGISTRY_HEALTH_SERVICE
 from secure_runner.transport.status import TOKEN_KEY
+from secure_runner.transport.decisions import DecisionRecorder
 from secure_runner.transport.token_auth import TokenAuthInterceptor
 from secure_runner.v1 import runner_pb2, runner_pb2_grpc
 
@@ -348,7 +349,8 @@ async def test_any_registry_source_failure_is_a_typed_audited_refusal(layout):
     server_files = tls.TlsFiles(layout.runner_cert("counter"), layout.runner_key("counter"), layout.ca_cert)
     destination = tls.spki_sha256(tls.pem_to_der(layout.runner_cert("counter").read_bytes()))
     auth = TokenAuthInterceptor(
-        CRUNCH, [CALL_RPC], broken_source, audit, replay=ReplayCache(), destinations=lambda: frozenset({destination})
+        CRUNCH, [CALL_RPC], broken_source, DecisionRecorder(audit), replay=ReplayCache(),
+        destinations=lambda: frozenset({destination}),
     )
     server = grpc.aio.server(interceptors=[auth])
 

@@ -163,6 +163,30 @@ def test_worker_cgroups_get_equal_cpu_weights_and_their_quota():
         cgroups.remove_runner_dirs()
 
 
+def test_a_runners_cgroup_weighs_as_many_tasks_as_it_has_workers():
+    """Under contention a node's models get what as many processes would: a node of 25 models must
+    not weigh what one process of the host weighs (nor more than a one-model node per model)."""
+    require(os.geteuid() == 0, ROOT_ONLY)
+    groups = [cgroups.WorkerCgroup.create(f"unit-weight-{n}", WorkerLimits()) for n in range(3)]
+    weight = {1: ("cpu.shares", cgroups.CPU_SHARES_V1), 2: ("cpu.weight", cgroups.CPU_WEIGHT_V2)}
+
+    def node_weights() -> list[int]:
+        return [
+            int((directory.parent / weight[hierarchy.version][0]).read_text()) // weight[hierarchy.version][1]
+            for hierarchy, directory in groups[0].directories if "cpu" in hierarchy.controllers
+        ]
+
+    try:
+        require(node_weights(), "no cpu controller in a cgroup hierarchy of this process")
+        assert set(node_weights()) == {3}
+        groups.pop().remove()
+        assert set(node_weights()) == {2}
+    finally:
+        for group in groups:
+            group.remove()
+        cgroups.remove_runner_dirs()
+
+
 PID_NAMESPACE_CHILD = r"""
 import ctypes, os, sys, time
 from secure_runner.runner.sandbox import namespaces

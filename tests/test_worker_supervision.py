@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 import time
 
 import grpc
@@ -14,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from secure_runner import codec
 from secure_runner.errors import ErrorCode
 from secure_runner.runner import ipc
-from secure_runner.runner.supervisor import MAX_CALL_ANSWER_BYTES
+from secure_runner.runner.supervisor import MAX_CALL_ANSWER_BYTES, CpuAccount, CpuSample
 from secure_runner.transport.status import TOKEN_KEY
 from secure_runner.v1 import runner_pb2, worker_pb2
 
@@ -215,13 +217,13 @@ def test_worker_environment_holds_no_secret(layout, fresh_runner, tmp_path, monk
         "PATH", "LANG", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "OPENBLAS_NUM_THREADS",
         "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "LC_CTYPE",
     }
-    # stdin (/dev/null), stdout and stderr (the log pipe) and the two private protocol
-    # pipes: nothing inherited from the runner.
+    # stdin (/dev/null), stdout and stderr (the log pipe), the two private protocol pipes
+    # and its own payload socket (runner/shared_payload.py): nothing else from the runner.
     fds = seen["fds"]
     assert fds["0"] == "/dev/null"
     assert fds["1"] == fds["2"] and fds["2"].startswith("pipe:")
     others = {fd: target for fd, target in fds.items() if fd not in ("0", "1", "2")}
-    assert len(others) == 2 and all(target.startswith("pipe:") for target in others.values()), fds
+    assert sorted(target.partition(":")[0] for target in others.values()) == ["pipe", "pipe", "socket"], fds
     assert str(MODELS) not in str(seen["env"])
 
 
@@ -395,11 +397,47 @@ def test_channel_deadlines_hold_whatever_came_before(run_on_loop):
 
 
 def test_any_call_the_runner_accepts_fits_in_one_worker_frame():
-    """A request at gRPC's message cap becomes a worker frame, not a framing error blamed on the model."""
+    """A request at gRPC's message cap becomes a worker frame, not a framing error blamed on the model.
+
+    One value at the cap goes to the shared payload; values each just under its threshold stay in the frame.
+    """
+    from secure_runner.runner.shared_payload import SHARED_THRESHOLD
     from secure_runner.runner.supervisor import WorkerCall
     from secure_runner.transport import tls
     from secure_runner.v1 import values_pb2
 
     biggest = values_pb2.Argument(position=1, data=values_pb2.Variant(value=b"x" * (tls.MAX_MESSAGE_BYTES - 16)))
     call = WorkerCall.encode("echo", [biggest], [])
-    assert len(call.frame) > tls.MAX_MESSAGE_BYTES  # the framing added bytes, and it still fits
+    assert call.payload.size == tls.MAX_MESSAGE_BYTES - 16 and len(call.frame) < 100
+    call.close()
+    value = values_pb2.Variant(value=b"x" * (SHARED_THRESHOLD - 16))
+    count = tls.MAX_MESSAGE_BYTES // (SHARED_THRESHOLD + 16)
+    call = WorkerCall.encode("echo", [values_pb2.Argument(position=i, data=value) for i in range(1, count + 1)], [])
+    assert call.payload is None and len(call.frame) > tls.MAX_MESSAGE_BYTES - 2 * SHARED_THRESHOLD  # it still fits
+
+
+def test_a_wait_still_pending_at_the_deadline_counts_as_starvation():
+    """The kernel counts a wait only when the task next runs: a worker still waiting must not look idle."""
+    start = CpuSample(at=0, main_waited=0, process_ran=0)
+    counted_only = CpuSample(at=1_000_000_000, main_waited=200_000_000, process_ran=5_000_000)
+    assert not counted_only.starved_since(start)  # a fifth of the window counted: judged slow, the model's
+    still_waiting = CpuSample(at=1_000_000_000, main_waited=200_000_000, process_ran=5_000_000,
+                              pending_wait=700_000_000)
+    assert still_waiting.starved_since(start)
+    ran_itself = CpuSample(at=1_000_000_000, main_waited=0, process_ran=900_000_000, pending_wait=700_000_000)
+    assert not ran_itself.starved_since(start)  # a model that used its CPU is never starved
+
+
+def test_a_sleeping_process_has_no_pending_wait():
+    """A process asleep (state S) is not waiting for a CPU, whatever its scheduler clock says."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        time.sleep(0.2)
+        account = CpuAccount(sleeper.pid)
+        sample = account.sample()
+        assert sample is not None and sample.pending_wait == 0  # state S: not waiting for a CPU
+        assert sample.process_ran >= 0 and sample.main_waited >= 0
+        account.close()
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -27,10 +27,12 @@ import contextlib
 import importlib
 import inspect
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -48,6 +50,9 @@ from secure_runner.transport import tls
 from secure_runner.transport.registry_file import open_registry_source
 from secure_runner.transport.status import TOKEN_KEY, reason_of
 from secure_runner.v1 import orchestrator_pb2, runner_pb2, values_pb2
+
+if TYPE_CHECKING:
+    from secure_runner.client.metrics import ClientMetrics
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +121,7 @@ class DynamicSubclassModelConcurrentRunner:
         security: CoordinatorSecurity,
         connect_timeout: float = 10.0,
         setup_timeout: float = 60.0,
+        metrics: ClientMetrics | None = None,
     ) -> None:
         self.timeout = timeout
         self.crunch_id = validate_id(crunch_id, "crunch id")
@@ -148,6 +154,9 @@ class DynamicSubclassModelConcurrentRunner:
         self._orchestrator_name = PeerIdentity.make(self.crunch_id, Role.ORCHESTRATOR, ORCHESTRATOR_ID).tls_server_name
         self._stream = None
         self._updates = 0
+        self._metrics = metrics  # opt-in (client/metrics.py); None: no metrics work at all
+        if metrics is not None:
+            metrics.track(self)
 
     # -- model list -------------------------------------------------------------------
 
@@ -361,6 +370,11 @@ class DynamicSubclassModelConcurrentRunner:
         """Each targeted model's connection state (READY, CONNECTING, COOLING_DOWN, ...)."""
         return {model_id: model.state for model_id, model in self._models.items()}
 
+    @property
+    def ready_model_count(self) -> int:
+        """How many models a call would reach now; safe to read from another thread (a metrics scrape)."""
+        return sum(model.state is ModelState.READY for model in list(self._models.values()))
+
     # -- calls ------------------------------------------------------------------------
 
     async def call(
@@ -381,6 +395,7 @@ class DynamicSubclassModelConcurrentRunner:
         and blaming no model, for a method the base class does not declare or
         arguments that cannot be encoded.
         """
+        started = time.perf_counter()
         targets, unavailable = self._targets(models)
         self._check_method(method)
         requests = self._requests(method, arguments, kwargs, targets)
@@ -399,6 +414,8 @@ class DynamicSubclassModelConcurrentRunner:
             self._enforce_limits(model)
         answer = {results[model].model: results[model] for model in targets}
         answer.update((result.model, result) for result in unavailable)
+        if self._metrics is not None:
+            self._metrics.record_round(method, answer.values(), time.perf_counter() - started)
         return answer
 
     def _targets(self, models: Iterable[str] | None) -> tuple[list[RemoteModel], list[CallResult]]:
@@ -434,8 +451,8 @@ class DynamicSubclassModelConcurrentRunner:
         if not isinstance(method, str) or not method:
             raise RequestError(ErrorCode.METHOD_NOT_ALLOWED, f"method must be a non-empty name, got {method!r}")
         if not self._declared_locally:
-            for model in self._models.values():
-                if model.methods:
+            for model in self._models.values():  # a report holding every declared name cannot narrow them
+                if model.methods and (self._declared is None or not self._declared <= model.methods):
                     self._declared = allowlist.narrowed(self._declared, model.methods)
         if not allowlist.is_callable_name(method) or self._declared is not None and method not in self._declared:
             raise RequestError(ErrorCode.METHOD_NOT_ALLOWED, f"{method!r} is not a method of {self.base_classname}")
@@ -531,6 +548,8 @@ class DynamicSubclassModelConcurrentRunner:
         log.warning("disconnecting model %s (%s): %s", model.model_id, model.identity.deployment_id, why)
         self._forget(model.model_id, retire=True)
         self._disconnected[model.model_id] = f"disconnected after {why}"
+        if self._metrics is not None:
+            self._metrics.record_disconnection(model.last_fault.reason if model.last_fault else "")
         self._report_failure(model)
 
     def _background(self, coro) -> asyncio.Task:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 from secure_runner.errors import ErrorCode, SecureRunnerError
+from secure_runner.runner.call_stats import CallStats
 
 
 class LauncherError(SecureRunnerError):
@@ -56,6 +57,7 @@ class ModelStatus:
     code: str = ""  # its last failure: an ErrorCode, and a message
     message: str = ""
     since_ms: int = 0  # unix milliseconds: in this state since
+    calls: CallStats | None = None  # its call counters in this deployment (None: the launcher cannot ask)
 
 
 class Runner(Protocol):

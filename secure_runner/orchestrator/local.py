@@ -45,18 +45,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from secure_runner import pki
 from secure_runner.backoff import doubling_delay
-from secure_runner.errors import ErrorCode
+from secure_runner.errors import ConfigError, ErrorCode
 from secure_runner.log_format import log_fields
+from secure_runner.metrics import MetricsEndpoint, MetricsServer, OrchestratorMetrics, serve_metrics
 from secure_runner.orchestrator.credentials import CredentialsMode, RunnerCredentials, credentials_for
 from secure_runner.orchestrator.launcher import (
     FAILING_STATES, UP_STATES, Launcher, LauncherError, ModelStatus, Runner, RunnerSpec,
@@ -70,6 +73,7 @@ from secure_runner.v1 import orchestrator_pb2
 log = logging.getLogger(__name__)
 
 State = orchestrator_pb2.ModelState
+STATE_NAMES = tuple(name.removeprefix("MODEL_STATE_") for name in State.keys() if name != "MODEL_STATE_UNSPECIFIED")
 STOP_GRACE_SECONDS = 5.0
 STATUS_POLL_SECONDS = 2.0  # how often each runner is asked for its models' own states
 DEFAULT_PORT = 9091
@@ -106,6 +110,14 @@ class LocalOrchestratorSettings:
     # "test-pki": this orchestrator is the CA and holds the crunchers' keys (demo, tests); "production":
     # it relays certificates and delegations the parties provisioned, and holds neither.
     credentials_mode: CredentialsMode = "test-pki"
+    # Its own metrics endpoint (None: none). With one, every local runner serves its own on `metrics.host`
+    # (any free port, same TLS choice), and `metrics_targets` lists them all for Prometheus (file_sd).
+    metrics: MetricsEndpoint | None = None
+
+    @property
+    def metrics_targets(self) -> Path:
+        """The Prometheus file_sd file of this orchestrator's and its runners' metrics endpoints."""
+        return self.state_folder / "metrics-targets.json"
 
     @property
     def audit_folder(self) -> Path:
@@ -148,6 +160,24 @@ def _new_deployment(model_id: str) -> str:
     return f"{model_id}-{secrets.token_hex(4)}"
 
 
+@dataclass(frozen=True)
+class StartProgress:
+    """One node had its first attempt while the orchestrator starts: what a progress line says."""
+
+    started: int  # nodes whose first attempt is done, this one included
+    total: int
+    node_id: str
+    model_ids: tuple[str, ...]
+    up: bool  # its runner is serving
+    failed: dict[str, str]  # node id -> why its first attempt failed, for every node failed so far
+
+
+def _failure_of(node: _Node) -> str:
+    """Why a node's runner did not start: its models' last failure (they share it)."""
+    record = next((r for r in node.models.values() if r.failure_code), None)
+    return f"{record.failure_code}: {record.failure_message}" if record else "not started"
+
+
 @dataclass
 class _Node:
     """One model node: the models it hosts now (stopped ones left), its runner and supervision."""
@@ -174,12 +204,18 @@ class LocalOrchestrator:
         settings: LocalOrchestratorSettings,
         launcher: Launcher | None = None,
         credentials: RunnerCredentials | None = None,
+        progress: Callable[[StartProgress], None] | None = None,
     ) -> None:
         """`launcher` starts and finds the runners (default: local processes); `credentials` issues
-        their certificates and delegations (default: per `settings.credentials_mode`)."""
+        their certificates and delegations (default: per `settings.credentials_mode`); `progress`
+        hears of each node's first attempt during `start` (the demo prints it)."""
+        self._on_progress = progress
         self.settings = settings
         self.layout = pki.PkiLayout(settings.pki_dir)
         self.board = ModelBoard(validate_id(settings.crunch_id, "crunch id"))
+        self.metrics = OrchestratorMetrics(
+            lambda: [State.Name(state).removeprefix("MODEL_STATE_") for state in self.board.states()], STATE_NAMES)
+        self.metrics_server: MetricsServer | None = None
         settings.audit_folder.mkdir(parents=True, exist_ok=True)
         self.store = StateStore(settings.state_folder / "orchestrator.sqlite", settings.crunch_id)
         self.launcher = launcher or ProcessLauncher(lambda: self.settings, settings.state_folder)
@@ -188,7 +224,7 @@ class LocalOrchestrator:
         )
         self.server = OrchestratorServer(
             self.board, self.layout, settings.audit_folder / "orchestrator.jsonl", self.stop_model, operator_control=self,
-            chain_config=settings.chain_config,
+            chain_config=settings.chain_config, metrics=self.metrics,
         )
         self._nodes: dict[str, _Node] = {}
         self._node_of: dict[str, _Node] = {}  # model id -> its node (stopped models too)
@@ -201,6 +237,13 @@ class LocalOrchestrator:
     async def start(self) -> int:
         """Serve the model list, adopt or start every runner; returns once each node had its first attempt."""
         self.port = await self.server.start(self.settings.host, self.settings.port)
+        if self.settings.metrics is not None:
+            try:
+                self.metrics_server = serve_metrics(self.metrics.registry, self.settings.metrics, self.server.tls_files)
+            except ConfigError:
+                await self.server.stop(0)
+                raise
+            self._publish_metrics_targets()
         self._records = self.store.models()
         stored_nodes = self.store.nodes()
         new = self._new_records()
@@ -252,6 +295,7 @@ class LocalOrchestrator:
                 node.restart, fresh = False, True
             if runner is None:
                 runner = await self._start_runner(node, fresh)
+            self._publish_metrics_targets()
             if not node.first_attempt.is_set():
                 node.first_attempt.set()
                 self._progress(node, runner, total)
@@ -268,6 +312,7 @@ class LocalOrchestrator:
                 if time.monotonic() - up_since >= self.settings.stable_seconds:
                     node.failures = 0
                 runner = None
+                self._publish_metrics_targets()
             if node.stopping:
                 break
             if node.restart:
@@ -290,9 +335,13 @@ class LocalOrchestrator:
         if runner is not None:
             models = ", ".join(f"{m}={r.info.deployment_id}" for m, r in node.models.items())
             log.info("node %s: %s, deployment %s, models %s", node.node_id, runner.address, runner.deployment, models)
+        failed = {n.node_id: _failure_of(n) for n in self._nodes.values() if n.first_attempt.is_set() and n.runner is None}
         if total > 1:
-            failed = sorted(n.node_id for n in self._nodes.values() if n.first_attempt.is_set() and n.runner is None)
-            log.info("started %d of %d runners%s", self._started, total, f" (failed: {', '.join(failed)})" if failed else "")
+            log.info("started %d of %d runners%s", self._started, total,
+                     f" (failed: {', '.join(sorted(failed))})" if failed else "")
+        if self._on_progress is not None:
+            self._on_progress(StartProgress(self._started, total, node.node_id, tuple(node.models), runner is not None,
+                                            dict(sorted(failed.items()))))
 
     async def _adopt(self, node: _Node) -> Runner | None:
         """The runner a previous orchestrator left, if it is still ours and alive; None otherwise."""
@@ -331,7 +380,9 @@ class LocalOrchestrator:
             cert = self.credentials.issue(node.node_id)
             for info in infos.values():
                 info.runner_delegation = self.credentials.delegation(info, cert)
+            launched = time.monotonic()
             runner = await self.launcher.start(spec)
+            self.metrics.runner_start.observe(time.monotonic() - launched)
         except LauncherError as exc:
             log.error("node %s: %s", node.node_id, exc.message)
             for record in node.models.values():
@@ -346,7 +397,7 @@ class LocalOrchestrator:
         for model_id, record in node.models.items():
             infos[model_id].address = runner.address
             record.restarts += model_id in restarted
-            record.info = infos[model_id]
+            record.info, record.calls = infos[model_id], None  # the new deployment's counters come with its STATUS
             await self._announce(record, State.MODEL_STATE_RUNNING, "")
             log.info("started model %s on node %s at %s, deployment %s", model_id, node.node_id, runner.address,
                      record.info.deployment_id,
@@ -373,9 +424,13 @@ class LocalOrchestrator:
         Only a model whose worker was never up since this deployment started counts (its
         submission cannot be loaded, say): a worker that crashed after serving is replaced by its
         runner at once and judged by the coordinators' calls, not flapped on the model list.
+        Each model's call counters are kept for the operators' list (never on the board: they
+        change with every call, and coordinators do not need them).
         """
         for model_id, record in node.models.items():
             status = statuses.get(model_id)
+            if status is not None:
+                record.calls = status.calls
             if status is None or record.info.state not in (State.MODEL_STATE_RUNNING, State.MODEL_STATE_RECOVERING):
                 continue
             if status.state in UP_STATES:
@@ -392,6 +447,25 @@ class LocalOrchestrator:
                                                                    reason=status.code))
                 await self._announce(record, State.MODEL_STATE_RECOVERING, f"{status.code}: {status.message}",
                                      since_ms=status.since_ms)
+
+    def _publish_metrics_targets(self) -> None:
+        """Write the metrics endpoints (this one's, each runner's) as a Prometheus file_sd file, atomically.
+
+        Labels are only `role` and `node` (bounded by the crunch). A runner that ended, or has no
+        metrics address (one of another launcher, or started before metrics were on), is left out.
+        """
+        if self.metrics_server is None:
+            return
+        host = self.settings.metrics.host
+        groups = [{"targets": [f"{host}:{self.metrics_server.port}"], "labels": {"role": "orchestrator"}}]
+        for node_id, node in sorted(self._nodes.items()):
+            address = getattr(node.runner, "metrics_address", "")
+            if address and node.runner.returncode is None:
+                groups.append({"targets": [address], "labels": {"role": "runner", "node": node_id}})
+        target = self.settings.metrics_targets
+        partial = target.with_name(target.name + ".tmp")
+        partial.write_text(json.dumps(groups, indent=1) + "\n")
+        partial.replace(target)  # Prometheus never reads a half-written file
 
     # -- the board and the store -----------------------------------------------------------------
 
@@ -555,6 +629,8 @@ class LocalOrchestrator:
             alive = sorted(n.node_id for n in self._nodes.values() if n.handle)
             log.info("orchestrator stopped; runners left serving for the next one: %s", ", ".join(alive) or "none")
         await self.server.stop(0.5)
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         if (close := getattr(self.launcher, "close", None)) is not None:  # e.g. the Kubernetes API client
             await close()
         self.store.close()

@@ -21,11 +21,12 @@ import grpc
 
 from secure_runner.errors import ErrorCode, RequestError
 from secure_runner.orchestrator.store import ModelRecord
+from secure_runner.runner.call_stats import CallStats
 from secure_runner.smp.identity import Role
 from secure_runner.transport.status import abort
 from secure_runner.transport.tls import PeerCertificates, peer_name
-from secure_runner.transport.token_auth import AuditSink
-from secure_runner.v1 import operator_pb2, operator_pb2_grpc
+from secure_runner.transport.decisions import DecisionRecorder
+from secure_runner.v1 import operator_pb2, operator_pb2_grpc, runner_pb2
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +49,17 @@ class OperatorControl(Protocol):
 
 
 class OperatorServicer(operator_pb2_grpc.OperatorServicer):
-    def __init__(self, crunch_id: str, control: OperatorControl, audit: AuditSink) -> None:
+    def __init__(self, crunch_id: str, control: OperatorControl, decisions: DecisionRecorder) -> None:
         self._crunch_id = crunch_id
         self._control = control
-        self._audit = audit
+        self._decisions = decisions
         self._peers = PeerCertificates()
 
     def _record(self, context, rpc: str, subject: str, done: bool, detail: str = "") -> None:
         who = peer_name(self._peers.from_auth_context(context.auth_context()))
         log.info("operator %s: %s %s -> %s %s", who, rpc, subject, "done" if done else "not done", detail)
-        self._audit.record(decision="allow", code="OK" if done else "NOT_DONE", who=who,
-                           what={"rpc": SERVICE + rpc, "subject": subject, "done": str(done).lower()})
+        self._decisions.allow(who, {"rpc": SERVICE + rpc, "subject": subject, "done": str(done).lower()},
+                              code="OK" if done else "NOT_DONE")
 
     async def _known(self, model_id: str, context) -> None:
         if self._control.node_of(model_id) is None:
@@ -72,7 +73,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServicer):
         return operator_pb2.OperatorModelList(crunch_id=self._crunch_id, models=[
             operator_pb2.OperatorModel(
                 info=r.info, restarts=r.restarts, last_failure_code=r.failure_code,
-                last_failure_message=r.failure_message, last_failure_ms=r.failure_ms,
+                last_failure_message=r.failure_message, last_failure_ms=r.failure_ms, calls=_counters(r.calls),
             )
             for r in records
         ])
@@ -104,5 +105,15 @@ class OperatorServicer(operator_pb2_grpc.OperatorServicer):
         return operator_pb2.OperatorLogs(model_id=request.model_id, lines=lines)
 
 
-def add_to_server(server: grpc.aio.Server, crunch_id: str, control: OperatorControl, audit: AuditSink) -> None:
-    operator_pb2_grpc.add_OperatorServicer_to_server(OperatorServicer(crunch_id, control, audit), server)
+def _counters(calls: CallStats | None) -> operator_pb2.ModelCallCounters | None:
+    if calls is None:
+        return None
+    fields = calls.fields()
+    last = fields.pop("last_status")
+    status = runner_pb2.CallStatus.Value(f"CALL_STATUS_{last}") if last else runner_pb2.CALL_STATUS_UNSPECIFIED
+    return operator_pb2.ModelCallCounters(**fields, last_status=status)
+
+
+def add_to_server(server: grpc.aio.Server, crunch_id: str, control: OperatorControl,
+                  decisions: DecisionRecorder) -> None:
+    operator_pb2_grpc.add_OperatorServicer_to_server(OperatorServicer(crunch_id, control, decisions), server)

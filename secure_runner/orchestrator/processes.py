@@ -4,7 +4,9 @@ A runner is started so it outlives the orchestrator: a session of its own (no
 terminal or process-group signal of the orchestrator reaches it), no parent-death
 signal, stdin from /dev/null, stdout only until it prints `READY <port>`, its log
 in `<state>/logs/<node>.log` (rotated by the runner). Killing the orchestrator,
-with SIGKILL or SIGTERM, leaves it serving.
+with SIGKILL or SIGTERM, leaves it serving. When the orchestrator's metrics are on,
+each runner serves its own too, on a free port it names in its READY line
+(`READY <port> metrics=<port>`), kept in its handle so an adopted runner is found again.
 
 It is found again by its handle: pid, the kernel's start time of that pid (so a
 reused pid is not mistaken for it), its control socket and the node's deployment
@@ -35,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from secure_runner.orchestrator.launcher import LauncherError, ModelStatus, RunnerSpec
+from secure_runner.runner.call_stats import CallStats
 from secure_runner.runner.control import check_socket_path, peer_credentials
 from secure_runner.runner.server import RunnerSettings
 from secure_runner.runner.supervisor import HELLO_TIMEOUT_SECONDS
@@ -93,11 +96,12 @@ class LocalRunner:
         loop = asyncio.get_running_loop()
         self._exited = loop.create_future()
         loop.add_reader(pidfd, self._on_exit)
+        self.metrics_address = ""  # host:port of its metrics endpoint; "" if it serves none
 
     @property
     def handle(self) -> dict:
         return {"pid": self.pid, "start_time": self._start_time, "socket": str(self._socket),
-                "address": self.address, "deployment": self.deployment}
+                "address": self.address, "deployment": self.deployment, "metrics": self.metrics_address}
 
     def _on_exit(self) -> None:
         loop = asyncio.get_running_loop()
@@ -157,9 +161,23 @@ class LocalRunner:
         if words[:4] != ["OK", "STATUS", self.node_id, self.deployment] or len(words) != 5:
             raise LauncherError(f"runner {self.node_id}: not deployment {self.deployment}: {answer[:200]!r}")
         try:
-            return {model_id: ModelStatus(**fields) for model_id, fields in json.loads(words[4]).items()}
+            return {model_id: _model_status(fields) for model_id, fields in json.loads(words[4]).items()}
         except (ValueError, TypeError, AttributeError) as exc:
             raise LauncherError(f"runner {self.node_id}: unreadable STATUS answer: {exc}") from None
+
+
+def _model_status(fields: dict) -> ModelStatus:
+    """One model's entry of a STATUS answer; its call counters checked for type and bounds."""
+    calls = fields.pop("calls", None)  # absent from a runner of an older release
+    return ModelStatus(**fields, calls=None if calls is None else CallStats.from_fields(calls))
+
+
+def parse_ready(line: bytes) -> tuple[int, int | None]:
+    """A runner's `READY <port>` or `READY <port> metrics=<port>` line (cli.py): its port, its metrics port."""
+    words = line.decode(errors="replace").split()
+    if words[:1] != ["READY"] or len(words) not in (2, 3) or len(words) == 3 and not words[2].startswith("metrics="):
+        raise ValueError(line[:100])
+    return int(words[1]), int(words[2].removeprefix("metrics=")) if len(words) == 3 else None
 
 
 class ProcessLauncher:
@@ -192,6 +210,8 @@ class ProcessLauncher:
             "--control-socket", str(socket_path),
             "--deployment", spec.deployment,
         ]
+        if s.metrics is not None:  # its own endpoint on any free port, named in its READY line
+            command += ["--metrics-port", "0", "--metrics-host", s.metrics.host] + ["--metrics-tls"] * s.metrics.tls
         for model_id, path in spec.models.items():
             command += ["--model", f"{model_id}={path.resolve()}"]
         for base in s.base_paths:
@@ -243,16 +263,18 @@ class ProcessLauncher:
         runner = LocalRunner(spec.node_id, spec.deployment, "", popen.pid, process_start_time(popen.pid), socket_path,
                              os.pidfd_open(popen.pid), popen)
         try:
-            port = await self._ready_port(popen)
+            port, metrics_port = parse_ready(await self._ready_line(popen))
         except (TimeoutError, ValueError, OSError) as exc:
             await runner.stop(0)
             raise LauncherError(f"runner {spec.node_id} did not become ready: {exc!r}"[:300]) from None
         finally:
             popen.stdout.close()  # the runner writes nothing after READY: it outlives this end of the pipe
         runner.address = f"{self._settings().host}:{port}"
+        if metrics_port is not None:
+            runner.metrics_address = f"{self._settings().metrics.host}:{metrics_port}"
         return runner
 
-    async def _ready_port(self, popen: subprocess.Popen) -> int:
+    async def _ready_line(self, popen: subprocess.Popen) -> bytes:
         reader = asyncio.StreamReader(limit=256)
         loop = asyncio.get_running_loop()
         transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(
@@ -261,10 +283,7 @@ class ProcessLauncher:
             line = await asyncio.wait_for(reader.readline(), self._settings().runner_start_timeout)
         finally:
             transport.close()
-        word, _, port = line.decode(errors="replace").strip().partition(" ")
-        if word != "READY":
-            raise ValueError(line[:100])
-        return int(port)
+        return line
 
     async def adopt(self, node_id: str, handle: dict) -> LocalRunner:
         try:
@@ -282,6 +301,7 @@ class ProcessLauncher:
             os.close(pidfd)
             raise
         runner = LocalRunner(node_id, deployment, address, pid, start_time, socket_path, pidfd)
+        runner.metrics_address = str(handle.get("metrics", ""))
         try:
             await runner.statuses()
         except LauncherError:

@@ -22,6 +22,7 @@ import grpc
 
 from secure_runner import pki
 from secure_runner.errors import AuthError, ConfigError, ErrorCode
+from secure_runner.metrics import ProcessMetrics
 from secure_runner.orchestrator import operator
 from secure_runner.smp import rules
 from secure_runner.smp.identity import PeerIdentity, Role
@@ -29,11 +30,12 @@ from secure_runner.smp.registry import RegistrySnapshot
 from secure_runner.smp.replay import ReplayCache
 from secure_runner.transport import tls
 from secure_runner.transport.audit_log import AuditLog
+from secure_runner.transport.decisions import DecisionRecorder
 from secure_runner.transport.gate import PeerGate
 from secure_runner.transport.registry_file import audit_registry_failure, open_registry_source
 from secure_runner.transport.status import abort
 from secure_runner.transport.tls import PeerCertificates, peer_name
-from secure_runner.transport.token_auth import AuditSink, ServedKeys, TokenAuthInterceptor
+from secure_runner.transport.token_auth import ServedKeys, TokenAuthInterceptor
 from secure_runner.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,10 @@ class ModelBoard:
             self._models[info.model_id] = info
             self._revision += 1
             self._changed.notify_all()
+
+    def states(self) -> list[int]:
+        """Each model's state; safe from another thread (a metrics scrape): the dict is copied atomically."""
+        return [info.state for info in list(self._models.values())]
 
     def get(self, model_id: str) -> orchestrator_pb2.ModelInfo | None:
         return self._models.get(model_id)
@@ -80,7 +86,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         self,
         board: ModelBoard,
         registry: Callable[[], RegistrySnapshot],
-        audit: AuditSink,
+        decisions: DecisionRecorder,
         stop_model: Callable[[str, str], Awaitable[bool]],
         *,
         reauthorize_seconds: float = 1.0,
@@ -88,7 +94,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     ) -> None:
         self._board = board
         self._registry = registry
-        self._audit = audit
+        self._decisions = decisions
         self._stop_model = stop_model
         self._reauthorize_seconds = reauthorize_seconds
         self._clock = clock
@@ -104,7 +110,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             )
         except (AuthError, ConfigError) as exc:
             log.warning("refused model-list watcher %s: %s", who, exc)
-            self._audit.record(decision="deny", code=exc.code, who=who, what={"rpc": WATCH_RPC})
+            self._decisions.deny(exc.code, who, {"rpc": WATCH_RPC})
             await abort(context, exc)
 
     async def WatchModels(self, request, context):
@@ -124,12 +130,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             "model %s (%s) reported by the coordinator: %s %s; stopped=%s",
             request.model_id, request.deployment_id, request.reason, request.message[:200], stopped,
         )
-        self._audit.record(
-            decision="allow",
+        self._decisions.allow(
+            peer_name(self._peers.from_auth_context(context.auth_context())),
+            {"rpc": REPORT_RPC, "model": request.model_id, "deployment": request.deployment_id,
+             "reason": request.reason[:64]},
             code="FAILURE_REPORTED",
-            who=peer_name(self._peers.from_auth_context(context.auth_context())),
-            what={"rpc": REPORT_RPC, "model": request.model_id, "deployment": request.deployment_id,
-                  "reason": request.reason[:64]},
         )
         return orchestrator_pb2.FailureReportAck(stopped=stopped)
 
@@ -140,6 +145,7 @@ class OrchestratorServer:
     Whatever keeps the board current (the local orchestrator's runner processes, or
     an operator's list of runners running elsewhere) passes `stop_model`, which
     receives the authenticated reports and must ignore ones for old deployments.
+    Its decisions are counted in `metrics` (a ProcessMetrics of its own if none is given).
     """
 
     def __init__(
@@ -150,29 +156,35 @@ class OrchestratorServer:
         stop_model: Callable[[str, str], Awaitable[bool]],
         operator_control: operator.OperatorControl | None = None,
         chain_config: Path | None = None,
+        metrics: ProcessMetrics | None = None,
     ) -> None:
         self.layout = layout
         self.identity = PeerIdentity.make(board.crunch_id, Role.ORCHESTRATOR, "orchestrator")
+        self.tls_files = tls.TlsFiles(layout.orchestrator_cert, layout.orchestrator_key, layout.ca_cert)
         self.audit = AuditLog(audit_file)
+        self.metrics = metrics or ProcessMetrics()
+        self.decisions = DecisionRecorder(self.audit, self.metrics)
         self.registry = open_registry_source(  # the layout's registry file, or the chain given its configuration
-            layout.registry, chain_config, on_failure=functools.partial(audit_registry_failure, self.audit))
+            layout.registry, chain_config, on_failure=functools.partial(audit_registry_failure, self.decisions))
+        replay = ReplayCache()
         auth = TokenAuthInterceptor(
             board.crunch_id,
             {WATCH_RPC: Role.COORDINATOR, REPORT_RPC: Role.COORDINATOR, **operator.PROTECTED_RPCS},
-            self.registry.current, self.audit,
-            replay=ReplayCache(), destinations=ServedKeys(layout.orchestrator_cert),
+            self.registry.current, self.decisions,
+            replay=replay, destinations=ServedKeys(layout.orchestrator_cert),
         )
+        self.metrics.watch(replay=replay, registry_fetched_at=lambda: self.registry.fetched_at, tls=self.tls_files)
         tls.raise_open_file_limit()
-        gate = PeerGate(board.crunch_id, self.audit, roles=operator.PROTECTED_RPCS)
+        gate = PeerGate(board.crunch_id, self.decisions, roles=operator.PROTECTED_RPCS)
         self._server = grpc.aio.server(interceptors=[gate, auth], options=tls.server_options())
         orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(
-            OrchestratorServicer(board, self.registry.current, self.audit, stop_model), self._server
+            OrchestratorServicer(board, self.registry.current, self.decisions, stop_model), self._server
         )
         if operator_control is not None:  # the operator RPCs, for the OPERATOR role only
-            operator.add_to_server(self._server, board.crunch_id, operator_control, self.audit)
+            operator.add_to_server(self._server, board.crunch_id, operator_control, self.decisions)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        files = tls.TlsFiles(self.layout.orchestrator_cert, self.layout.orchestrator_key, self.layout.ca_cert)
+        files = self.tls_files
         bound = self._server.add_secure_port(f"{host}:{port}", tls.reloading_server_credentials(files, self.identity))
         await self._server.start()
         try:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from secure_runner.errors import ConfigError, ErrorCode
+from secure_runner.runner.call_stats import CallStats
 from secure_runner.v1 import orchestrator_pb2
 
 SCHEMA = """
@@ -64,6 +65,7 @@ class ModelRecord:
     failure_code: str = ""
     failure_message: str = ""
     failure_ms: int = 0
+    calls: CallStats | None = None  # its runner's call counters, as last polled (not stored: per deployment)
 
     def fail(self, code: str, message: str) -> None:
         self.failure_code, self.failure_message, self.failure_ms = code, message[:500], now_ms()

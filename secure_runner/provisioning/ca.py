@@ -281,6 +281,7 @@ class CaFolder:
         fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         with os.fdopen(fd, "a") as handle:
             handle.write(json.dumps(entry, sort_keys=True) + "\n")
+        pki.note_written(self.log, f"issuance log, one line appended ({how} serial {entry['serial']})")
         return cert
 
     def issued(self) -> list[dict]:

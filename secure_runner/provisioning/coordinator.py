@@ -70,7 +70,7 @@ class KeySet:
         csr = certs.make_csr(tls_key, PeerIdentity.make(crunch_id, role, key_id))
         pki.write_private_key(self.identity_key, identity_key)
         pki.write_private_key(self.tls_key, tls_key)
-        pki.write_public_file(self.tls_csr, csr.public_bytes(Encoding.PEM))
+        pki.write_public_file(self.tls_csr, csr.public_bytes(Encoding.PEM), "certificate signing request")
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,7 @@ def add_commands(group: argparse._SubParsersAction, role: Role) -> None:
 def _print(material: SignerPublic, args: argparse.Namespace, role: Role) -> int:
     text = material.model_dump_json(indent=2)
     if args.public_out:
-        pki.write_public_file(args.public_out, (text + "\n").encode())
+        pki.write_public_file(args.public_out, (text + "\n").encode(), "public material to register (JSON)")
     home = SignerHome(args.dir, role)
     print(text)
     if home.current.tls_csr.is_file() and not home.current.tls_cert.is_file():

@@ -134,7 +134,7 @@ def add_commands(group: argparse._SubParsersAction) -> None:
 def _show(material: CruncherPublic, out: Path | None) -> int:
     text = material.model_dump_json(indent=2)
     if out:
-        pki.write_public_file(out, (text + "\n").encode())
+        pki.write_public_file(out, (text + "\n").encode(), "public material to register (JSON)")
     print(text)
     return 0
 
@@ -150,6 +150,6 @@ def _public(args: argparse.Namespace) -> int:
 def _delegate(args: argparse.Namespace) -> int:
     runner_pem = pki.read_file(args.runner_cert or args.runner_csr, "runner certificate or CSR")
     token = sign_delegation(load_identity(args.dir, args.wallet), args.crunch, args.model, runner_pem, args.days)
-    pki.write_public_file(args.out, token)
+    pki.write_public_file(args.out, token, f"delegation of model {args.model} to a runner key")
     print(f"delegated model {args.model!r} to runner key {runner_key_hash(runner_pem)} for {args.days} days -> {args.out}")
     return 0

@@ -57,7 +57,8 @@ class HostHome:
             raise ConfigError(ErrorCode.PKI_INVALID, f"{folder} already holds a TLS key")
         key = certs.generate_tls_key()
         pki.write_private_key(folder / "tls.key", key)
-        pki.write_public_file(folder / "tls.csr", certs.make_csr(key, identity).public_bytes(Encoding.PEM))
+        pki.write_public_file(folder / "tls.csr", certs.make_csr(key, identity).public_bytes(Encoding.PEM),
+                              "certificate signing request")
         return folder / "tls.csr"
 
     def install(self, cert: x509.Certificate, ca_cert: x509.Certificate, registry: bytes | None = None) -> Path:
@@ -78,7 +79,7 @@ class HostHome:
         if not token or len(token) > MAX_DELEGATION_BYTES:
             raise ConfigError(ErrorCode.PKI_INVALID, f"a delegation is 1..{MAX_DELEGATION_BYTES} bytes")
         path = self.delegation(model_id)
-        pki.write_public_file(path, token)
+        pki.write_public_file(path, token, f"delegation of model {model_id}, from its cruncher")
         return path
 
 

@@ -291,6 +291,11 @@ class ChainRegistry:
     def current(self) -> RegistrySnapshot:
         return self._state[0]
 
+    @property
+    def fetched_at(self) -> int:
+        """When the current snapshot was read (as `RegistryFile.fetched_at`; for metrics)."""
+        return self._state[0].fetched_at
+
     def facts(self) -> mapping.ChainFacts:
         """What the same refresh read beyond the registry: hotkeys by wallet, refusals."""
         return self._state[1]

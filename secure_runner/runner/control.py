@@ -10,8 +10,10 @@ sends one command per line and gets one line back for each, in order:
     STATUS <node-id>     ->  OK STATUS <node-id> <deployment> <json>
                                                      who this runner is (its node and the deployment id
                                                      it was started as) and each hosted model's state:
-                                                     {"<model>": {"state", "code", "message", "since_ms"}}
-                                                     (`RunnerServer.model_status`: its last failure)
+                                                     {"<model>": {"state", "code", "message", "since_ms",
+                                                     "calls"}} (`RunnerServer.model_status`: its last
+                                                     failure; "calls": its call counters,
+                                                     runner/call_stats.py)
     anything else        ->  ERROR <code>            logged; the runner serves on
 
 The runner outlives the orchestrator: a closed connection ends nothing, and an
@@ -52,6 +54,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from secure_runner.errors import AuthError, ConfigError, ErrorCode, RequestError, SecureRunnerError
+from secure_runner.runner.call_stats import CallStats
 from secure_runner.runner.server import RunnerServer, host_of
 from secure_runner.runner.supervisor import ModelStatus
 from secure_runner.smp.identity import validate_id
@@ -120,7 +123,7 @@ class ControlChannel:
             if uid != os.geteuid():
                 error = AuthError(ErrorCode.PEER_UNAUTHENTICATED, f"control connection from uid {uid}")
                 log.warning("control connection refused: %s", error)
-                self._server.audit.record(decision="deny", code=error.code, who=f"uid {uid}", what={"rpc": "control"})
+                self._server.decisions.deny(error.code, f"uid {uid}", {"rpc": "control"})
                 return
             async for line in _lines(reader):
                 async with self._one_at_a_time:
@@ -142,24 +145,24 @@ class ControlChannel:
             await COMMANDS[verb](self._server, ident)
         except SecureRunnerError as exc:
             log.warning("control command refused: %s", exc)
-            self._server.audit.record(decision="deny", code=exc.code, who=AUDIT_WHO, what={"rpc": "control"})
+            self._server.decisions.deny(exc.code, AUDIT_WHO, {"rpc": "control"})
             return f"ERROR {exc.code}"
         log.info("control: %s %s done", verb, ident)
-        self._server.audit.record(decision="allow", code="OK", who=AUDIT_WHO, what={"rpc": "control", "command": verb,
-                                                                                 "model": ident})
+        self._server.decisions.allow(AUDIT_WHO, {"rpc": "control", "command": verb, "model": ident})
         return f"OK {verb} {ident}"
 
     def _status(self, node_id: str) -> str:
         if node_id != self._server.settings.node_id:
             raise RequestError(ErrorCode.MODEL_UNKNOWN, "not this node")
-        states = {model_id: status_fields(status) for model_id, status in self._server.model_status().items()}
+        states = {model_id: status_fields(status, self._server.hosts[model_id].stats)
+                  for model_id, status in self._server.model_status().items()}
         return f"OK STATUS {node_id} {self._deployment} {json.dumps(states, separators=(',', ':'))}"
 
 
-def status_fields(status: ModelStatus) -> dict:
-    """A hosted model's status as the STATUS answer carries it."""
+def status_fields(status: ModelStatus, stats: CallStats) -> dict:
+    """A hosted model's status and call counters as the STATUS answer carries them."""
     return {"state": str(status.state), "code": status.failure_code, "message": status.failure_message[:500],
-            "since_ms": int(status.since * 1000)}
+            "since_ms": int(status.since * 1000), "calls": stats.fields()}
 
 
 async def _lines(reader: asyncio.StreamReader) -> AsyncIterator[bytes | None]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from pathlib import Path
 
 import grpc
@@ -25,14 +26,17 @@ from pydantic import BaseModel, ConfigDict
 
 from secure_runner.errors import ConfigError, ErrorCode, RequestError, SecureRunnerError
 from secure_runner.log_format import log_fields
+from secure_runner.metrics import MetricsEndpoint, MetricsServer, RunnerMetrics, serve_metrics
 from secure_runner.runner.supervisor import ModelHost, ModelStatus, WorkerCall, WorkerGone, failure_response
 from secure_runner.runner.sandbox.policy import SandboxPolicy
+from secure_runner.runner.template import WorkerTemplate
 from secure_runner.runner.worker import WorkerLimits
 from secure_runner.smp.identity import PeerIdentity, Role, validate_id
 from secure_runner.smp.replay import ReplayCache
 from secure_runner.smp.rules import TimePolicy
 from secure_runner.transport import tls
 from secure_runner.transport.audit_log import AuditLog
+from secure_runner.transport.decisions import DecisionRecorder
 from secure_runner.transport.gate import PeerGate
 from secure_runner.transport.registry_file import (
     REGISTRY_HEALTH_SERVICE,
@@ -78,23 +82,31 @@ class RunnerSettings(BaseModel):
     setup_timeout: float = 60.0
     limits: WorkerLimits = WorkerLimits()
     sandbox: SandboxPolicy = SandboxPolicy()
+    metrics: MetricsEndpoint | None = None  # None: no metrics endpoint, and nothing counted for one
+    worker_template: bool = True  # fork workers from a pre-imported template (runner/template.py)
 
 
 class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
-    """Serves authenticated requests; refusals it makes itself are audited like the interceptor's."""
+    """Serves authenticated requests; refusals it makes itself are audited like the interceptor's.
 
-    def __init__(self, hosts: dict[str, ModelHost], settings: RunnerSettings, audit: AuditLog) -> None:
+    Every model call's outcome, and every call refused here, is counted in `metrics` (None: metrics off).
+    """
+
+    def __init__(self, hosts: dict[str, ModelHost], settings: RunnerSettings, decisions: DecisionRecorder,
+                 metrics: RunnerMetrics | None) -> None:
         self._hosts = hosts
         self._settings = settings
-        self._audit = audit
+        self._decisions = decisions
+        self._metrics = metrics
         self._peers = tls.PeerCertificates()
 
     def _audit_refusal(self, context, error: SecureRunnerError, rpc: str, model_id: str, method: str) -> None:
-        self._audit.record(
-            decision="deny",
-            code=error.code,
-            who=tls.peer_name(self._peers.from_auth_context(context.auth_context())),
-            what={"rpc": rpc, "model": model_id[:64], "method": method[:64]},
+        if self._metrics is not None:
+            self._metrics.count_refusal(model_id, method, error.code)
+        self._decisions.deny(
+            error.code,
+            tls.peer_name(self._peers.from_auth_context(context.auth_context())),
+            {"rpc": rpc, "model": model_id[:64], "method": method[:64]},
         )
 
     async def _refuse(self, context, error: SecureRunnerError, rpc: str, request) -> None:
@@ -121,9 +133,14 @@ class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
         host = await self._host(request.model_id, context, "Call", request)
         try:
             call = WorkerCall.encode(request.method, request.arguments, request.kwargs)
-            response = await host.call(call, self._call_timeout(context))
+            try:
+                response = await counted_call(host, call, self._call_timeout(context))
+            finally:
+                call.close()  # its shared payload, if any: the worker has answered
         except SecureRunnerError as exc:
             await self._refuse(context, exc, "Call", request)
+        if self._metrics is not None:
+            self._metrics.count_call(request.model_id, request.method, response)
         log.debug("model %s %s -> %s", request.model_id, request.method, response.status)
         return response
 
@@ -140,7 +157,7 @@ class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
             self._audit_refusal(context, error, "FanOut", request.node_id, request.method)
             await abort(context, error)
         timeout = self._call_timeout(context)
-        common = WorkerCall.encode(request.method, request.arguments, request.kwargs)  # once for all models
+        common = await self._fan_out_call(context, request, request)  # once for all models
         per_model = {m.model_id: m for m in request.per_model}
         finished: list[runner_pb2.FanOutResult] = []
         news = asyncio.Event()
@@ -151,15 +168,16 @@ class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
             finished.append(runner_pb2.FanOutResult(model_id=model_id, response=_outcome(model_id, task)))
             news.set()
 
-        tasks = []
-        for model_id in dict.fromkeys(request.model_ids):
-            own = per_model.get(model_id)
-            call = common if own is None else WorkerCall.encode(request.method, own.arguments, own.kwargs)
-            task = asyncio.ensure_future(self._fan_out_one(model_id, call, timeout, context))
-            task.add_done_callback(functools.partial(collect, model_id))
-            tasks.append(task)
-        remaining = len(tasks)
+        tasks, calls = [], [common]  # the calls' shared payloads are closed once every model has answered
         try:
+            for model_id in dict.fromkeys(request.model_ids):
+                own = per_model.get(model_id)
+                call = common if own is None else await self._fan_out_call(context, request, own)
+                calls.append(call)
+                task = asyncio.ensure_future(self._fan_out_one(model_id, call, timeout, context))
+                task.add_done_callback(functools.partial(collect, model_id))
+                tasks.append(task)
+            remaining = len(tasks)
             while remaining:
                 await news.wait()
                 news.clear()
@@ -170,13 +188,26 @@ class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
         finally:
             for task in tasks:  # the caller went away: its models' calls are cancelled too
                 task.cancel()
+            for call in calls:  # a cancelled call never sends its descriptor afterwards
+                call.close()
+
+    async def _fan_out_call(self, context, request, values) -> WorkerCall:
+        """The WorkerCall of `values` (the request, or one model's own arguments); the stream ends, typed, if it cannot be made."""
+        try:
+            return WorkerCall.encode(request.method, values.arguments, values.kwargs)
+        except SecureRunnerError as exc:  # no memfd for its shared payload (descriptors or memory exhausted)
+            self._audit_refusal(context, exc, "FanOut", request.node_id, request.method)
+            await abort(context, exc)
 
     async def _fan_out_one(self, model_id: str, call: WorkerCall, timeout: float, context) -> runner_pb2.CallResponse:
         try:
-            return await host_of(self._hosts, model_id).call(call, timeout)
+            response = await counted_call(host_of(self._hosts, model_id), call, timeout)
         except SecureRunnerError as exc:
             self._audit_refusal(context, exc, "FanOut", model_id, call.method)
             return failure_response(exc.code, exc.message)
+        if self._metrics is not None:
+            self._metrics.count_call(model_id, call.method, response)
+        return response
 
     async def Reset(self, request, context):
         host = await self._host(request.model_id, context, "Reset", request)
@@ -209,6 +240,14 @@ def _outcome(model_id: str, task: asyncio.Task) -> runner_pb2.CallResponse:
     return failure_response(ErrorCode.INTERNAL, "the runner could not serve this call")
 
 
+async def counted_call(host: ModelHost, call: WorkerCall, timeout: float) -> runner_pb2.CallResponse:
+    """`host.call`, counted in the host's own counters once answered (runner/call_stats.py)."""
+    started = time.perf_counter_ns()
+    response = await host.call(call, timeout)
+    host.stats.record(response, (time.perf_counter_ns() - started) // 1000)
+    return response
+
+
 def host_of(hosts: dict[str, ModelHost], model_id: str) -> ModelHost:
     """The host of `model_id`; RequestError(MODEL_UNKNOWN) if this runner does not host it."""
     host = hosts.get(model_id)
@@ -225,27 +264,38 @@ class RunnerServer:
             validate_id(model_id, "model id")
         self.settings = settings
         self.health = health.aio.HealthServicer()
-        self.hosts = {model_id: self._new_host(model_id) for model_id in settings.models}
+        # Workers are forked from a secret-free template process (runner/template.py) unless turned off.
+        self.template = WorkerTemplate() if settings.worker_template else None
+        self.hosts: dict[str, ModelHost] = {}
+        # Metrics off: nothing is counted at all (the hot path pays one `is None` test).
+        self.metrics = RunnerMetrics(self.hosts) if settings.metrics is not None else None
+        self.hosts.update((model_id, self._new_host(model_id)) for model_id in settings.models)
         self.audit = AuditLog(settings.audit_log)
+        self.decisions = DecisionRecorder(self.audit, self.metrics)
         self._registry = open_registry_source(
-            settings.registry, settings.chain_config, on_failure=functools.partial(audit_registry_failure, self.audit))
+            settings.registry, settings.chain_config,
+            on_failure=functools.partial(audit_registry_failure, self.decisions))
         self._registry_watch: asyncio.Task | None = None
+        replay = ReplayCache(settings.replay_cache_size)
         auth = TokenAuthInterceptor(
             settings.crunch_id,
             PROTECTED_RPCS,
             self._registry.current,
-            self.audit,
-            replay=ReplayCache(settings.replay_cache_size),
+            self.decisions,
+            replay=replay,
             destinations=ServedKeys(settings.tls.cert),
             policy=settings.time_policy,
         )
+        if self.metrics is not None:
+            self.metrics.watch(replay=replay, registry_fetched_at=lambda: self._registry.fetched_at, tls=settings.tls)
+        self.metrics_server: MetricsServer | None = None
         tls.raise_open_file_limit()
         self._server = grpc.aio.server(
-            interceptors=[PeerGate(settings.crunch_id, self.audit), auth],
+            interceptors=[PeerGate(settings.crunch_id, self.decisions), auth],
             options=tls.server_options(handshake_timeout_ms=settings.handshake_timeout_ms),
         )
         runner_pb2_grpc.add_ModelRunnerServicer_to_server(
-            ModelRunnerServicer(self.hosts, settings, self.audit), self._server
+            ModelRunnerServicer(self.hosts, settings, self.decisions, self.metrics), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         self._health_tasks: set[asyncio.Task] = set()
@@ -261,6 +311,8 @@ class RunnerServer:
             settings.setup_timeout,
             self._on_health,
             sandbox=settings.sandbox,
+            template=self.template,
+            on_failure=self.metrics.count_restart if self.metrics is not None else ModelHost.on_failure,
         )
 
     async def retire(self, model_id: str) -> None:
@@ -322,6 +374,9 @@ class RunnerServer:
         await self._server.start()
         try:
             await asyncio.to_thread(tls.check_tls13_only, self.settings.host, self.port, self.settings.tls)
+            if self.metrics is not None:
+                self.metrics_server = serve_metrics(self.metrics.registry, self.settings.metrics, self.settings.tls)
+                self.metrics.serving()
         except ConfigError:
             await self.stop(0)
             raise
@@ -337,8 +392,12 @@ class RunnerServer:
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
         await asyncio.gather(*(host.close() for host in self.hosts.values()))
+        if self.template is not None:
+            await self.template.close()
         self._registry.close()
         self.audit.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()

@@ -14,8 +14,10 @@ not be applied). Restarts back off exponentially while a model keeps failing,
 so a crash-looping model cannot spin the CPU; the runner itself never dies of
 a worker.
 
-Each worker is started with `subprocess.Popen` (no preexec_fn: the runner is
-threaded), is given its configuration as the first frame on its stdin (never
+Each worker is forked by the runner's template (runner/template.py; it becomes
+the runner's own child before its pid is known here) or, without one, started
+with `subprocess.Popen` (no preexec_fn: the runner is threaded); either way it
+is given its configuration as the first frame on its stdin (never
 on its command line, which any process can read in /proc), gets its own cgroup
 (made here, joined by the worker) and reports the sandbox layers in force in
 its first frame before it may load any code.
@@ -50,6 +52,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -65,10 +68,12 @@ from google.protobuf.message import DecodeError
 from secure_runner import allowlist
 from secure_runner.backoff import doubling_delay
 from secure_runner.errors import ErrorCode, RequestError, SecureRunnerError
-from secure_runner.runner import ipc
+from secure_runner.runner import ipc, shared_payload
+from secure_runner.runner.call_stats import CallStats
 from secure_runner.runner.sandbox import cgroups
 from secure_runner.runner.sandbox.environment import worker_environment
 from secure_runner.runner.sandbox.policy import LAYERS, LayerResult, SandboxPolicy, scratch_dir
+from secure_runner.runner.template import WorkerTemplate, reap_orphan
 from secure_runner.runner.worker import MAX_OUTPUT_BYTES, SANDBOX_EXIT_CODE, WorkerConfig, WorkerLimits
 from secure_runner.v1 import runner_pb2, values_pb2, worker_pb2
 
@@ -91,7 +96,7 @@ CODEC_CODES = frozenset({ErrorCode.INVALID_ARGUMENTS, ErrorCode.UNSUPPORTED_TYPE
                          ErrorCode.VALUE_TOO_LARGE, ErrorCode.VALUE_TOO_DEEP})
 WORKER_CALL_CODES = CODEC_CODES | {ErrorCode.MODEL_NOT_SET_UP, ErrorCode.METHOD_NOT_ALLOWED, ErrorCode.MEMORY_LIMIT,
                                    ErrorCode.MODEL_RAISED, ErrorCode.MODEL_OUTPUT_INVALID,
-                                   ErrorCode.MODEL_OUTPUT_TOO_LARGE}
+                                   ErrorCode.MODEL_OUTPUT_TOO_LARGE, ErrorCode.SHARED_PAYLOAD_REFUSED}
 WORKER_BASE_CLASS_CODES = frozenset({ErrorCode.SETUP_BASE_CLASS, ErrorCode.SETUP_CONFLICT})
 WORKER_SETUP_CODES = CODEC_CODES | {ErrorCode.SETUP_NO_CANDIDATE, ErrorCode.SETUP_MANY_CANDIDATES,
                                     ErrorCode.SETUP_IMPORT_FAILED, ErrorCode.SETUP_CONSTRUCTOR_FAILED,
@@ -140,19 +145,52 @@ def backoff_seconds(failures: int) -> float:
 
 @dataclass(frozen=True)
 class WorkerCall:
-    """A call as a worker receives it: its method (checked by the host) and its frame, encoded once.
+    """A call as a worker receives it: its method (checked by the host), its frame and shared payload, made once.
 
     The frame carries no model id (a worker hosts one model), so a fan-out encodes its
-    arguments once and sends the same bytes to every model that shares them.
+    arguments once and sends the same bytes to every model that shares them. A value over
+    `shared_payload.SHARED_THRESHOLD` is not in the frame: it is written once into one
+    sealed memfd (`payload`) whose descriptor goes to every worker called, and the runner
+    closes its descriptor (`close`) once they have all answered.
     """
 
     method: str
     frame: bytes
+    payload: shared_payload.SealedPayload | None = None
 
     @classmethod
     def encode(cls, method: str, arguments, kwargs) -> WorkerCall:
-        call = runner_pb2.CallRequest(method=method, arguments=arguments, kwargs=kwargs)
-        return cls(method, _worker_frame(worker_pb2.WorkerRequest(call=call)))
+        request = worker_pb2.WorkerRequest(call=runner_pb2.CallRequest(method=method))
+        values = [(request.call.arguments.add(position=a.position).data, a.data, a.position, "") for a in arguments]
+        values += [(request.call.kwargs.add(keyword=k.keyword).data, k.data, 0, k.keyword) for k in kwargs]
+        payload = None
+        try:
+            for target, variant, position, keyword in values:
+                # A copy out of the request (the only way to a bytes field's length without serializing it),
+                # dropped before the next one is made.
+                value = variant.value
+                if len(value) <= shared_payload.SHARED_THRESHOLD:
+                    target.CopyFrom(variant)
+                    continue
+                payload = payload or shared_payload.SealedPayload()
+                target.type = variant.type
+                request.shared.add(position=position, keyword=keyword, offset=payload.append(value), length=len(value))
+                del value
+            if payload is not None:
+                payload.seal()
+                request.shared_size = payload.size
+            return cls(method, _worker_frame(request), payload)
+        except BaseException as exc:
+            if payload is not None:
+                payload.close()
+            if isinstance(exc, OSError):  # no memfd: descriptors or memory exhausted
+                raise SecureRunnerError(ErrorCode.INTERNAL, f"cannot make the call's shared payload: {exc}") from None
+            raise
+
+    def close(self) -> None:
+        """Close the runner's descriptor of the shared payload (once every worker called has answered)."""
+        if self.payload is not None:
+            self.payload.close()
 
 
 def _worker_frame(request: worker_pb2.WorkerRequest) -> bytes:
@@ -166,16 +204,29 @@ class CpuSample:
     at: int  # time.monotonic_ns()
     main_waited: int  # the main thread's time runnable but waiting for a CPU (schedstat run_delay)
     process_ran: int  # CPU time of all its threads (utime + stime)
+    # The wait schedstat has not counted yet: the kernel adds a wait to run_delay only when the task
+    # next gets a CPU, so a task still waiting at the deadline shows none of its last, often longest,
+    # wait. Estimated as the time since it last got a CPU when it is runnable (0 otherwise, or unknown).
+    pending_wait: int = 0
 
     def starved_since(self, start: CpuSample) -> bool:
         """Between `start` and this sample, was the worker kept from running rather than slow itself?"""
         window = self.at - start.at
-        waited = self.main_waited - start.main_waited
+        waited = (self.main_waited + self.pending_wait) - (start.main_waited + start.pending_wait)
         ran = self.process_ran - start.process_ran
         return window > 0 and waited >= STARVED_SHARE * window and ran < STARVED_SHARE * window
 
 
 CLOCK_TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+
+def _exec_start_ns(sched: bytes) -> int:
+    """`se.exec_start` (milliseconds with six decimals) of a /proc/<pid>/sched text, in nanoseconds."""
+    for line in sched.splitlines():
+        if line.startswith(b"se.exec_start"):
+            millis, _, micro = line.partition(b":")[2].strip().partition(b".")
+            return int(millis) * 1_000_000 + int(micro.ljust(6, b"0")[:6])
+    raise ValueError("no se.exec_start")
 
 
 class CpuAccount:
@@ -194,10 +245,14 @@ class CpuAccount:
         return cls(pid)
 
     def __init__(self, pid: int) -> None:
+        self.pid = pid
         self._fds: list[int] = []
         with contextlib.suppress(OSError):  # no account: every deadline is judged the model's
             for name in ("schedstat", "stat"):
                 self._fds.append(os.open(f"/proc/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC))
+        self._sched: int | None = None  # /proc/<pid>/sched (kernels with scheduler debug info): pending waits
+        with contextlib.suppress(OSError):
+            self._sched = os.open(f"/proc/{pid}/sched", os.O_RDONLY | os.O_CLOEXEC)
 
     def sample(self) -> CpuSample | None:
         """None once the process is gone (or /proc does not say)."""
@@ -210,10 +265,28 @@ class CpuAccount:
             ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
         except (OSError, IndexError, ValueError):
             return None
-        return CpuSample(time.monotonic_ns(), main_waited, ticks * CLOCK_TICK_NS)
+        pending = self._pending_wait() if fields[0] == b"R" else 0
+        return CpuSample(time.monotonic_ns(), main_waited, ticks * CLOCK_TICK_NS, pending)
+
+    def _pending_wait(self) -> int:
+        """Time since the runnable worker last got a CPU: our own last start minus its, on the scheduler's clock.
+
+        Both `se.exec_start` values come from the same clock (the runner, reading, is on a CPU now), so no
+        calibration against time.monotonic is needed. An overestimate by the worker's last slice at most.
+        """
+        if self._sched is None:
+            return 0
+        try:
+            theirs = _exec_start_ns(os.pread(self._sched, 4096, 0))
+            with open("/proc/thread-self/sched", "rb") as own:
+                ours = _exec_start_ns(own.read(4096))
+        except (OSError, ValueError):
+            return 0
+        return max(0, ours - theirs)
 
     def close(self) -> None:
-        fds, self._fds = self._fds, []
+        fds, self._fds = self._fds + ([self._sched] if self._sched is not None else []), []
+        self._sched = None
         for fd in fds:
             os.close(fd)
 
@@ -236,9 +309,10 @@ class WorkerProcess:
     """One live worker subprocess, its framed pipes, its cgroup and its exit status."""
 
     def __init__(self, model_id: str, popen: subprocess.Popen, config: WorkerConfig,
-                 cgroup: cgroups.WorkerCgroup | None) -> None:
+                 cgroup: cgroups.WorkerCgroup | None, payload_socket: socket.socket) -> None:
         self.model_id = model_id
         self.popen = popen
+        self._payload_socket = payload_socket  # this worker's alone: shared payload descriptors go to it
         self.config = config
         self.cgroup = cgroup
         self.layers: list[LayerResult] = []
@@ -253,15 +327,20 @@ class WorkerProcess:
         self._stderr_task: asyncio.Task | None = None
 
     @classmethod
-    async def spawn(cls, model_id: str, config: WorkerConfig) -> WorkerProcess:
+    async def spawn(cls, model_id: str, config: WorkerConfig, template: WorkerTemplate | None = None) -> WorkerProcess:
+        """Start a worker: forked from the runner's `template` if there is one that works, else a fresh interpreter."""
         cgroup, error = None, ""
         try:
             cgroup = cgroups.WorkerCgroup.create(model_id, config.limits)
         except (cgroups.CgroupUnavailable, OSError, ValueError) as exc:  # reported as a missing layer
             error = str(exc)
-        config = replace(config, cgroup_procs=cgroup.procs_files if cgroup else [], cgroup_error=error)
+        payload_socket, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)  # shared_payload.py
+        config = replace(config, cgroup_procs=cgroup.procs_files if cgroup else [], cgroup_error=error,
+                         payload_fd=worker_end.fileno())
+        worker_fds = (worker_end.fileno(),)  # handed over at the same number, besides stdin, stdout and stderr
         try:
-            popen = subprocess.Popen(
+            forked = await template.popen(worker_fds) if template is not None else None  # None: the template failed (logged)
+            popen = forked or subprocess.Popen(
                 [sys.executable, "-I", "-m", "secure_runner.runner.worker"],  # the configuration goes over stdin
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -270,12 +349,17 @@ class WorkerProcess:
                 cwd=config.submission,
                 start_new_session=True,
                 close_fds=True,
+                pass_fds=worker_fds,
             )
         except OSError as exc:
+            payload_socket.close()
             if cgroup:
                 cgroup.remove()
             raise WorkerGone(ErrorCode.WORKER_CRASHED, f"cannot start a worker: {exc}") from None
-        process = cls(model_id, popen, config, cgroup)
+        finally:
+            worker_end.close()  # the worker has its own copy now
+        payload_socket.setblocking(False)
+        process = cls(model_id, popen, config, cgroup, payload_socket)
         await process.or_close(process._connect(), ErrorCode.WORKER_CRASHED, "worker did not report its sandbox in time")
         return process
 
@@ -363,8 +447,17 @@ class WorkerProcess:
             return ErrorCode.SANDBOX_UNAVAILABLE, "worker refused to start: a required sandbox layer is missing"
         return ErrorCode.WORKER_CRASHED, f"worker exited ({_describe(end.returncode)})"
 
-    async def request(self, frame: bytes, kind: str, timeout: float, cap: int) -> worker_pb2.WorkerResponse:
-        """One round trip of a framed `kind` request, its answer at most `cap` bytes; TimeoutError if none in time."""
+    async def request(self, frame: bytes, kind: str, timeout: float, cap: int,
+                      shared: shared_payload.SealedPayload | None = None) -> worker_pb2.WorkerResponse:
+        """One round trip of a framed `kind` request, its answer at most `cap` bytes; TimeoutError if none in time.
+
+        The descriptor of the request's `shared` payload is queued on the worker's payload socket first.
+        """
+        if shared is not None:
+            try:
+                shared.send(self._payload_socket)
+            except OSError as exc:  # the worker does not take its descriptors (or the request was given up)
+                raise WorkerGone(ErrorCode.WORKER_PROTOCOL, f"cannot hand the worker its shared payload: {exc}") from None
         try:
             payload = await self._pipes.exchange(frame, cap, timeout)
         except ipc.PipeClosed:
@@ -423,10 +516,12 @@ class WorkerProcess:
         await self.exited
         if self.cpu is not None:
             self.cpu.close()
+            await reap_orphan(self.cpu.pid)  # its pid-1 child, if reparented to this (subreaper) runner: a zombie keeps a cgroup busy
         if self.cgroup is not None:
             await asyncio.to_thread(self.cgroup.remove)  # strays that left the process group die here
         if self._pipes is not None:
             self._pipes.close()
+        self._payload_socket.close()
         self.popen.stdin.close()
         self.popen.stdout.close()
         if self._stderr_task is not None:  # the last log lines; a stray child could hold the pipe open
@@ -439,15 +534,20 @@ class WorkerProcess:
             await asyncio.to_thread(shutil.rmtree, scratch, True)
 
 
-async def check_sandbox(limits: WorkerLimits, policy: SandboxPolicy) -> list[LayerResult]:
-    """Start a throwaway worker that applies and verifies every layer; return what it found."""
+async def check_sandbox(limits: WorkerLimits, policy: SandboxPolicy, worker_template: bool = True) -> list[LayerResult]:
+    """Start a throwaway worker (from a template, as a runner does, unless turned off) that applies and verifies every layer."""
+    template = WorkerTemplate() if worker_template else None
     with tempfile.TemporaryDirectory(prefix="secure-runner-check-") as folder:
         os.chmod(folder, 0o755)  # an empty stand-in submission, readable like a real one
         config = WorkerConfig(
             folder, os.getpid(), [], limits, replace(policy, allow_missing=LAYERS, check_only=True)
         )
-        process = await WorkerProcess.spawn("sandbox-check", config)
-        await process.close()
+        try:
+            process = await WorkerProcess.spawn("sandbox-check", config, template)
+            await process.close()
+        finally:
+            if template is not None:
+                await template.close()
     cgroups.remove_runner_dirs()
     return process.layers
 
@@ -497,6 +597,9 @@ class ModelHost:
     setup_timeout: float = 60.0
     on_health: Callable[[str, bool], None] = lambda model_id, serving: None
     sandbox: SandboxPolicy = SandboxPolicy()
+    stats: CallStats = field(default_factory=CallStats)  # its calls, counted by the server (STATUS)
+    template: WorkerTemplate | None = None  # the runner's worker template (None: every worker a fresh interpreter)
+    on_failure: Callable[[str, str], None] = lambda model_id, code: None  # its worker is replaced after `code`
 
     def __post_init__(self) -> None:
         # The model's turn: one request at a time. A semaphore, because its locked() says
@@ -518,6 +621,12 @@ class ModelHost:
     @property
     def status(self) -> ModelStatus:
         return self._status
+
+    @property
+    def layers(self) -> list[LayerResult]:
+        """The sandbox layers of the live worker (none while no worker is up): for metrics."""
+        process = self._process
+        return process.layers if process is not None and process.returncode is None else []
 
     def _set_state(self, state: ModelState) -> None:
         code, message = self._last_failure or ("", "")
@@ -551,6 +660,7 @@ class ModelHost:
         cgroups.remove_runner_dirs()  # succeeds once the last model of this runner is closed
 
     def _record_failure(self, code: str, message: str, state: ModelState = ModelState.RECOVERING) -> None:
+        self.on_failure(self.model_id, code)
         self._failures += 1
         self._last_failure = (code, message)
         delay = backoff_seconds(self._failures)
@@ -589,7 +699,7 @@ class ModelHost:
             raise
 
     async def _start_worker(self) -> None:
-        process = await WorkerProcess.spawn(self.model_id, self._worker_config())
+        process = await WorkerProcess.spawn(self.model_id, self._worker_config(), self.template)
         if not self._layers_logged:
             self._layers_logged = True
             log_layers(self.model_id, process.layers, self.sandbox)
@@ -623,6 +733,7 @@ class ModelHost:
         if blame:
             self._record_failure(code, message)
         else:
+            self.on_failure(self.model_id, code)
             self._set_state(ModelState.RECOVERING)
         if self._process is not None:
             self._process.kill()
@@ -699,7 +810,7 @@ class ModelHost:
             before = process.cpu.sample() if process.cpu else None
             sent = time.perf_counter_ns()
             response = await self._send(
-                process.request(call.frame, "call", left, MAX_CALL_ANSWER_BYTES), left, before
+                process.request(call.frame, "call", left, MAX_CALL_ANSWER_BYTES, call.payload), left, before
             )
             if isinstance(response, runner_pb2.CallResponse):
                 return response

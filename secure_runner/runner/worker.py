@@ -1,8 +1,10 @@
 """The worker: the only process that ever runs submission code.
 
 Started by the runner as `python -I -m secure_runner.runner.worker` with a
-clean environment, a new session and no descriptors but stdin, stdout and
-stderr. Its configuration (host paths, cgroup paths, limits) is the first frame
+clean environment, a new session and no descriptors but stdin, stdout,
+stderr and its payload socket (the descriptors of big arguments' sealed memfds
+come on it: runner/shared_payload.py), or forked in that state from its runner's template, a
+process started the same way whose first frame says it is the template (runner/template.py). Its configuration (host paths, cgroup paths, limits) is the first frame
 on stdin, never an argument: /proc/<pid>/cmdline shows a worker nothing of the
 host. Before any submission code is imported it takes private copies of
 the protocol pipes (stdin/stdout), points fd 0 at /dev/null and fd 1 at stderr
@@ -30,6 +32,7 @@ import contextlib
 import inspect
 import json
 import os
+import socket
 import sys
 import traceback
 from dataclasses import asdict, dataclass, field, replace
@@ -39,7 +42,7 @@ from google.protobuf import struct_pb2
 
 from secure_runner import allowlist, codec
 from secure_runner.errors import ErrorCode, SecureRunnerError
-from secure_runner.runner import discovery, ipc, lifetime
+from secure_runner.runner import discovery, ipc, lifetime, shared_payload, template
 from secure_runner.runner.sandbox.policy import LayerResult, SandboxPolicy, WorkerLimits
 from secure_runner.v1 import runner_pb2, values_pb2, worker_pb2
 
@@ -68,6 +71,7 @@ class WorkerConfig:
     sandbox: SandboxPolicy = SandboxPolicy()
     cgroup_procs: list[str] = field(default_factory=list)  # made by the runner; the worker joins them
     cgroup_error: str = ""  # why the runner could not make them
+    payload_fd: int = -1  # the worker's end of its payload socket: shared payload descriptors come on it
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -84,6 +88,7 @@ class WorkerConfig:
             SandboxPolicy(tuple(policy["allow_missing"]), policy["uid_base"], policy["check_only"], policy["profile"]),
             data["cgroup_procs"],
             data["cgroup_error"],
+            data["payload_fd"],
         )
 
 
@@ -102,8 +107,9 @@ def _error(code: ErrorCode, message: str) -> values_pb2.ErrorDetail:
 
 
 class Worker:
-    def __init__(self, submission: Path) -> None:
+    def __init__(self, submission: Path, payload_socket: socket.socket) -> None:
         self.submission = submission
+        self.payload_socket = payload_socket  # where a big call's sealed payload descriptor comes from
         self.base: type | None = None
         self.instance: object | None = None
         self.methods: frozenset[str] = frozenset()
@@ -148,7 +154,8 @@ class Worker:
             )
         return runner_pb2.SetupResponse(status=SUCCESS, class_name=model_class.__qualname__)
 
-    def call(self, request: runner_pb2.CallRequest) -> runner_pb2.CallResponse:
+    def call(self, request: runner_pb2.CallRequest, shared: dict | None = None) -> runner_pb2.CallResponse:
+        """Run one call; `shared`: the bytes of its values that came in its shared payload."""
         if self.instance is None:
             return runner_pb2.CallResponse(status=FAILURE, error=_error(ErrorCode.MODEL_NOT_SET_UP, "call Setup first"))
         if request.method not in self.methods:
@@ -157,7 +164,7 @@ class Worker:
                 error=_error(ErrorCode.METHOD_NOT_ALLOWED, f"{request.method!r} is not declared by the base class"),
             )
         try:
-            args, kwargs = codec.decode_arguments(request.arguments, request.kwargs)
+            args, kwargs = codec.decode_arguments(request.arguments, request.kwargs, shared=shared)
         except SecureRunnerError as exc:
             return runner_pb2.CallResponse(status=FAILURE, error=_error(exc.code, exc.message))
         try:
@@ -186,10 +193,19 @@ class Worker:
             self._loop = asyncio.new_event_loop()
         return self._loop.run_until_complete(value)
 
+    def _shared_values(self, request: worker_pb2.WorkerRequest) -> dict[int | str, memoryview]:
+        if not (request.shared or request.shared_size):
+            return {}
+        return shared_payload.receive_values(self.payload_socket, request.shared, request.shared_size)
+
     def handle(self, request: worker_pb2.WorkerRequest) -> worker_pb2.WorkerResponse:
         kind = request.WhichOneof("kind")
         if kind == "call":
-            return worker_pb2.WorkerResponse(call=self.call(request.call))
+            try:  # taken before anything else, so the next call finds only its own descriptor
+                shared = self._shared_values(request)
+            except SecureRunnerError as exc:
+                return worker_pb2.WorkerResponse(call=runner_pb2.CallResponse(status=FAILURE, error=_error(exc.code, exc.message)))
+            return worker_pb2.WorkerResponse(call=self.call(request.call, shared))
         if kind == "base_class":
             return worker_pb2.WorkerResponse(base_class=self.report_base_class(request.base_class))
         if kind == "setup":
@@ -221,14 +237,17 @@ def main() -> int:
     from secure_runner.runner.sandbox import bootstrap  # the bindings load here, in the worker only
 
     try:
-        config = WorkerConfig.from_json(ipc.read_frame(0).decode())
+        first = ipc.read_frame(0)
     except ipc.FrameError:
         return 0  # the runner went away before it sent the configuration
+    if first == template.TEMPLATE_REQUEST:  # this process is its runner's template: it forks workers that run main()
+        return template.serve(main)
+    config = WorkerConfig.from_json(first.decode())
     lifetime.die_with_parent(config.parent_pid)
     proto_in, proto_out = take_protocol_pipes()
     plan = bootstrap.Plan(
         config.submission, config.base_paths, config.limits, config.sandbox,
-        config.cgroup_procs, config.cgroup_error, (proto_in, proto_out),
+        config.cgroup_procs, config.cgroup_error, (proto_in, proto_out, config.payload_fd),
     )
     layers = bootstrap.apply(plan)
     if config.sandbox.check_only:
@@ -245,10 +264,11 @@ def main() -> int:
     def forked_child() -> None:  # children of model code never touch the protocol
         os.close(proto_in)
         os.close(proto_out)
+        os.close(config.payload_fd)
 
     os.register_at_fork(after_in_child=forked_child)
     sys.path.extend(config.base_paths)  # after the standard library and installed packages; the submission comes last
-    serve(Worker(Path(config.submission)), proto_in, proto_out)
+    serve(Worker(Path(config.submission), socket.socket(fileno=config.payload_fd)), proto_in, proto_out)
     return 0
 
 

@@ -10,6 +10,7 @@ Ids are restricted to DNS-label characters so both forms are unambiguous.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -63,13 +64,21 @@ class PeerIdentity:
     @classmethod
     def parse(cls, spiffe_id: str) -> PeerIdentity:
         """Parse a SPIFFE id; any deviation from the exact form is PEER_UNAUTHENTICATED."""
-        prefix = "spiffe://"
-        parts = spiffe_id[len(prefix):].split("/") if spiffe_id.startswith(prefix) else []
-        try:
-            if len(parts) != 3:
-                raise ValueError
-            return cls.make(parts[0], parts[1], parts[2])
-        except (ValueError, ConfigError):
-            raise AuthError(
-                ErrorCode.PEER_UNAUTHENTICATED, f"not a secure-runner SPIFFE id: {spiffe_id[:200]!r}"
-            ) from None
+        return _parse_spiffe_id(spiffe_id)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_spiffe_id(spiffe_id: str) -> PeerIdentity:
+    """`PeerIdentity.parse`, once per distinct id: a server reads its peer's id on every call.
+
+    Only valid ids are kept (a refusal raises, and lru_cache keeps no exception), so the
+    cache holds ids of certificates the CA issued; bounded all the same.
+    """
+    prefix = "spiffe://"
+    parts = spiffe_id[len(prefix):].split("/") if spiffe_id.startswith(prefix) else []
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        return PeerIdentity.make(parts[0], parts[1], parts[2])
+    except (ValueError, ConfigError):
+        raise AuthError(ErrorCode.PEER_UNAUTHENTICATED, f"not a secure-runner SPIFFE id: {spiffe_id[:200]!r}") from None

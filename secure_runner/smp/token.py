@@ -26,6 +26,7 @@ one model, which must be in the audience.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -134,8 +135,13 @@ def issue_call_token(
         nonce=b64url(os.urandom(NONCE_BYTES)),
     )
     message = claims.model_dump_json().encode()
-    footer = json.dumps({"kid": key_id}, separators=(",", ":")).encode()
-    return paseto.sign(key, message, footer, IMPLICIT_ASSERTION)
+    return paseto.sign(key, message, _footer(key_id), IMPLICIT_ASSERTION)
+
+
+@functools.lru_cache(maxsize=16)
+def _footer(key_id: str) -> bytes:
+    """The footer naming `key_id`: a signer has one key id, so it is encoded once, not per call."""
+    return json.dumps({"kid": key_id}, separators=(",", ":")).encode()
 
 
 # -- runner identity delegation -------------------------------------------------------

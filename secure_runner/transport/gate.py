@@ -31,7 +31,7 @@ from secure_runner.smp import rules
 from secure_runner.smp.identity import Role
 from secure_runner.transport.status import abort
 from secure_runner.transport.tls import MAX_MESSAGE_BYTES, PeerCertificates, peer_name
-from secure_runner.transport.token_auth import AuditSink
+from secure_runner.transport.decisions import DecisionRecorder
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,9 @@ class PeerGate(grpc.aio.ServerInterceptor):
     `roles` maps a method to the role that may call it; every other method is for coordinators.
     """
 
-    def __init__(self, crunch_id: str, audit: AuditSink, roles: Mapping[str, Role] | None = None) -> None:
+    def __init__(self, crunch_id: str, decisions: DecisionRecorder, roles: Mapping[str, Role] | None = None) -> None:
         self._crunch_id = crunch_id
-        self._audit = audit
+        self._decisions = decisions
         self._roles = dict(roles or {})
         self._peers = PeerCertificates()
         self._gated: dict[str, grpc.RpcMethodHandler] = {}  # one per method this server has
@@ -65,7 +65,7 @@ class PeerGate(grpc.aio.ServerInterceptor):
         """Audit the refusal and end the call with it (raises)."""
         who = peer_name(self._peers.from_auth_context(context.auth_context()))
         log.debug("refused %s from %s: %s", rpc[:256], who, error)  # the audit log has it, counted
-        self._audit.record(decision="deny", code=error.code, who=who, what={"rpc": rpc})
+        self._decisions.deny(error.code, who, {"rpc": rpc})
         try:
             await abort(context, error)
         except grpc.aio.AbortError:

@@ -37,6 +37,7 @@ from secure_runner.smp.registry import Registry, RegistrySnapshot
 
 if TYPE_CHECKING:
     from secure_runner.registry.chain import ChainRegistry
+    from secure_runner.transport.decisions import DecisionRecorder
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,11 @@ class RegistryFile:
             self._refresh()
         return self._snapshot
 
+    @property
+    def fetched_at(self) -> int:
+        """The current snapshot's `fetched_at`, without checking the file: for readers on other threads (metrics)."""
+        return self._snapshot.fetched_at
+
     def close(self) -> None:
         """Nothing to release: the file is read on demand (the chain adapter's stops its refresh thread)."""
 
@@ -107,17 +113,13 @@ class RegistryFile:
                 self._on_failure(error)
 
 
-class _AuditSink(Protocol):
-    def record(self, *, decision: str, code: str, who: str, what: dict[str, str]) -> None: ...
-
-
 class _Health(Protocol):
     async def set(self, service: str, status: int) -> None: ...
 
 
-def audit_registry_failure(audit: _AuditSink, error: ConfigError) -> None:
-    """`RegistryFile(on_failure=...)` for a service: the refused registry version is an audit line."""
-    audit.record(decision="deny", code=error.code, who=WHO, what={"event": "registry reload", "detail": error.message})
+def audit_registry_failure(decisions: DecisionRecorder, error: ConfigError) -> None:
+    """`RegistryFile(on_failure=...)` for a service: the refused registry version is a deny decision (audited)."""
+    decisions.deny(error.code, WHO, {"event": "registry reload", "detail": error.message})
 
 
 def open_registry_source(

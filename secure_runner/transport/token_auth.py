@@ -4,8 +4,8 @@ For each protected method (unary request; unary or streamed response) it swaps
 in a handler that receives the raw request bytes, so unauthenticated input never reaches the protobuf parser. The
 decision itself is `smp.rules.authorize_call`; this module only gathers its
 inputs (token metadata, peer certificate, method, clock, the registry snapshot,
-this server's destination names), writes every allow and deny to the audit log,
-and turns refusals into gRPC statuses with a reason code.
+this server's destination names), records every allow and deny (the audit line and
+its count: transport/decisions.py), and turns refusals into gRPC statuses with a reason code.
 Used by the runner (Setup, Call, FanOut, Reset: coordinator tokens) and the
 orchestrator (WatchModels, ReportFailure: coordinator tokens; its operator RPCs:
 operator tokens). Each protected method names the role it accepts.
@@ -24,8 +24,6 @@ import os
 import time
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Protocol
-
 import grpc
 from google.protobuf.message import DecodeError
 
@@ -35,15 +33,11 @@ from secure_runner.smp.identity import Role
 from secure_runner.smp.registry import RegistrySnapshot
 from secure_runner.smp.replay import ReplayCache
 from secure_runner.transport import tls
+from secure_runner.transport.decisions import DecisionRecorder
 from secure_runner.transport.status import TOKEN_KEY, abort
 from secure_runner.transport.tls import PeerCertificates, peer_name
 
 log = logging.getLogger(__name__)
-
-
-class AuditSink(Protocol):
-    def record(self, *, decision: str, code: str, who: str, what: dict[str, str]) -> None: ...
-
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Token-checks `protected_rpcs`: a mapping of full method name -> accepted role, or a collection
@@ -58,7 +52,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         crunch_id: str,
         protected_rpcs: Mapping[str, Role] | Collection[str],
         registry: Callable[[], RegistrySnapshot],
-        audit: AuditSink,
+        decisions: DecisionRecorder,
         *,
         replay: ReplayCache,
         destinations: Callable[[], frozenset[str]],
@@ -71,7 +65,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         self._protected = {rpc: Role(role) for rpc, role in protected_rpcs.items()}
         self._registry = registry
         self._destinations = destinations
-        self._audit = audit
+        self._decisions = decisions
         self._replay = replay
         self._policy = policy
         self._clock = clock
@@ -147,11 +141,11 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             )
         except (AuthError, RequestError, ConfigError) as exc:
             log.warning("refused %s from %s: %s", rpc, who, exc)
-            self._audit.record(decision="deny", code=exc.code, who=who, what=what)
+            self._decisions.deny(exc.code, who, what)
             await abort(context, exc)
         subject, targets = rules.subject_and_targets(request)
         what.update(subject=subject, models=",".join(targets)[:200], method=claims.method)
-        self._audit.record(decision="allow", code="OK", who=who, what=what)
+        self._decisions.allow(who, what)
         return request
 
 

@@ -23,31 +23,34 @@ _sym_db = _symbol_database.Default()
 
 
 from secure_runner.v1 import orchestrator_pb2 as secure__runner_dot_v1_dot_orchestrator__pb2
+from secure_runner.v1 import runner_pb2 as secure__runner_dot_v1_dot_runner__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsecure_runner/v1/operator.proto\x12\x10secure_runner.v1\x1a#secure_runner/v1/orchestrator.proto\"(\n\x13OperatorListRequest\x12\x11\n\tcrunch_id\x18\x01 \x01(\t\"(\n\x14OperatorModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"9\n\x13OperatorNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tmodel_ids\x18\x02 \x03(\t\"6\n\x13OperatorLogsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05lines\x18\x02 \x01(\r\"\x9e\x01\n\rOperatorModel\x12)\n\x04info\x18\x01 \x01(\x0b\x32\x1b.secure_runner.v1.ModelInfo\x12\x10\n\x08restarts\x18\x02 \x01(\r\x12\x19\n\x11last_failure_code\x18\x03 \x01(\t\x12\x1c\n\x14last_failure_message\x18\x04 \x01(\t\x12\x17\n\x0flast_failure_ms\x18\x05 \x01(\x03\"W\n\x11OperatorModelList\x12\x11\n\tcrunch_id\x18\x01 \x01(\t\x12/\n\x06models\x18\x02 \x03(\x0b\x32\x1f.secure_runner.v1.OperatorModel\"+\n\x0bOperatorAck\x12\x0c\n\x04\x64one\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"/\n\x0cOperatorLogs\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05lines\x18\x02 \x03(\t2\xb9\x03\n\x08Operator\x12X\n\nListModels\x12%.secure_runner.v1.OperatorListRequest\x1a#.secure_runner.v1.OperatorModelList\x12R\n\tStopModel\x12&.secure_runner.v1.OperatorModelRequest\x1a\x1d.secure_runner.v1.OperatorAck\x12V\n\rRedeployModel\x12&.secure_runner.v1.OperatorModelRequest\x1a\x1d.secure_runner.v1.OperatorAck\x12S\n\x0bRestartNode\x12%.secure_runner.v1.OperatorNodeRequest\x1a\x1d.secure_runner.v1.OperatorAck\x12R\n\tModelLogs\x12%.secure_runner.v1.OperatorLogsRequest\x1a\x1e.secure_runner.v1.OperatorLogsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsecure_runner/v1/operator.proto\x12\x10secure_runner.v1\x1a#secure_runner/v1/orchestrator.proto\x1a\x1dsecure_runner/v1/runner.proto\"(\n\x13OperatorListRequest\x12\x11\n\tcrunch_id\x18\x01 \x01(\t\"(\n\x14OperatorModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"9\n\x13OperatorNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tmodel_ids\x18\x02 \x03(\t\"6\n\x13OperatorLogsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05lines\x18\x02 \x01(\r\"\xd2\x01\n\rOperatorModel\x12)\n\x04info\x18\x01 \x01(\x0b\x32\x1b.secure_runner.v1.ModelInfo\x12\x10\n\x08restarts\x18\x02 \x01(\r\x12\x19\n\x11last_failure_code\x18\x03 \x01(\t\x12\x1c\n\x14last_failure_message\x18\x04 \x01(\t\x12\x17\n\x0flast_failure_ms\x18\x05 \x01(\x03\x12\x32\n\x05\x63\x61lls\x18\x06 \x01(\x0b\x32#.secure_runner.v1.ModelCallCounters\"\xcf\x01\n\x11ModelCallCounters\x12\r\n\x05\x63\x61lls\x18\x01 \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x02 \x01(\x04\x12\x31\n\x0blast_status\x18\x03 \x01(\x0e\x32\x1c.secure_runner.v1.CallStatus\x12\x17\n\x0flast_latency_us\x18\x04 \x01(\x04\x12\x14\n\x0clast_call_ms\x18\x05 \x01(\x03\x12\x19\n\x11last_failure_code\x18\x06 \x01(\t\x12\x1c\n\x14last_failure_message\x18\x07 \x01(\t\"W\n\x11OperatorModelList\x12\x11\n\tcrunch_id\x18\x01 \x01(\t\x12/\n\x06models\x18\x02 \x03(\x0b\x32\x1f.secure_runner.v1.OperatorModel\"+\n\x0bOperatorAck\x12\x0c\n\x04\x64one\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"/\n\x0cOperatorLogs\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05lines\x18\x02 \x03(\t2\xb9\x03\n\x08Operator\x12X\n\nListModels\x12%.secure_runner.v1.OperatorListRequest\x1a#.secure_runner.v1.OperatorModelList\x12R\n\tStopModel\x12&.secure_runner.v1.OperatorModelRequest\x1a\x1d.secure_runner.v1.OperatorAck\x12V\n\rRedeployModel\x12&.secure_runner.v1.OperatorModelRequest\x1a\x1d.secure_runner.v1.OperatorAck\x12S\n\x0bRestartNode\x12%.secure_runner.v1.OperatorNodeRequest\x1a\x1d.secure_runner.v1.OperatorAck\x12R\n\tModelLogs\x12%.secure_runner.v1.OperatorLogsRequest\x1a\x1e.secure_runner.v1.OperatorLogsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'secure_runner.v1.operator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OPERATORLISTREQUEST']._serialized_start=90
-  _globals['_OPERATORLISTREQUEST']._serialized_end=130
-  _globals['_OPERATORMODELREQUEST']._serialized_start=132
-  _globals['_OPERATORMODELREQUEST']._serialized_end=172
-  _globals['_OPERATORNODEREQUEST']._serialized_start=174
-  _globals['_OPERATORNODEREQUEST']._serialized_end=231
-  _globals['_OPERATORLOGSREQUEST']._serialized_start=233
-  _globals['_OPERATORLOGSREQUEST']._serialized_end=287
-  _globals['_OPERATORMODEL']._serialized_start=290
-  _globals['_OPERATORMODEL']._serialized_end=448
-  _globals['_OPERATORMODELLIST']._serialized_start=450
-  _globals['_OPERATORMODELLIST']._serialized_end=537
-  _globals['_OPERATORACK']._serialized_start=539
-  _globals['_OPERATORACK']._serialized_end=582
-  _globals['_OPERATORLOGS']._serialized_start=584
-  _globals['_OPERATORLOGS']._serialized_end=631
-  _globals['_OPERATOR']._serialized_start=634
-  _globals['_OPERATOR']._serialized_end=1075
+  _globals['_OPERATORLISTREQUEST']._serialized_start=121
+  _globals['_OPERATORLISTREQUEST']._serialized_end=161
+  _globals['_OPERATORMODELREQUEST']._serialized_start=163
+  _globals['_OPERATORMODELREQUEST']._serialized_end=203
+  _globals['_OPERATORNODEREQUEST']._serialized_start=205
+  _globals['_OPERATORNODEREQUEST']._serialized_end=262
+  _globals['_OPERATORLOGSREQUEST']._serialized_start=264
+  _globals['_OPERATORLOGSREQUEST']._serialized_end=318
+  _globals['_OPERATORMODEL']._serialized_start=321
+  _globals['_OPERATORMODEL']._serialized_end=531
+  _globals['_MODELCALLCOUNTERS']._serialized_start=534
+  _globals['_MODELCALLCOUNTERS']._serialized_end=741
+  _globals['_OPERATORMODELLIST']._serialized_start=743
+  _globals['_OPERATORMODELLIST']._serialized_end=830
+  _globals['_OPERATORACK']._serialized_start=832
+  _globals['_OPERATORACK']._serialized_end=875
+  _globals['_OPERATORLOGS']._serialized_start=877
+  _globals['_OPERATORLOGS']._serialized_end=924
+  _globals['_OPERATOR']._serialized_start=927
+  _globals['_OPERATOR']._serialized_end=1368
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ from secure_runner.v1 import runner_pb2 as secure__runner_dot_v1_dot_runner__pb2
 from secure_runner.v1 import values_pb2 as secure__runner_dot_v1_dot_values__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsecure_runner/v1/worker.proto\x12\x10secure_runner.v1\x1a\x1dsecure_runner/v1/runner.proto\x1a\x1dsecure_runner/v1/values.proto\"\xad\x01\n\rWorkerRequest\x12/\n\x05setup\x18\x01 \x01(\x0b\x32\x1e.secure_runner.v1.SetupRequestH\x00\x12-\n\x04\x63\x61ll\x18\x02 \x01(\x0b\x32\x1d.secure_runner.v1.CallRequestH\x00\x12\x34\n\nbase_class\x18\x03 \x01(\x0b\x32\x1e.secure_runner.v1.SetupRequestH\x00\x42\x06\n\x04kind\"\xb3\x01\n\x0eWorkerResponse\x12\x30\n\x05setup\x18\x01 \x01(\x0b\x32\x1f.secure_runner.v1.SetupResponseH\x00\x12.\n\x04\x63\x61ll\x18\x02 \x01(\x0b\x32\x1e.secure_runner.v1.CallResponseH\x00\x12\x37\n\nbase_class\x18\x03 \x01(\x0b\x32!.secure_runner.v1.BaseClassReportH\x00\x42\x06\n\x04kind\"~\n\x0f\x42\x61seClassReport\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.secure_runner.v1.CallStatus\x12,\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1d.secure_runner.v1.ErrorDetail\x12\x0f\n\x07methods\x18\x03 \x03(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsecure_runner/v1/worker.proto\x12\x10secure_runner.v1\x1a\x1dsecure_runner/v1/runner.proto\x1a\x1dsecure_runner/v1/values.proto\"\xf1\x01\n\rWorkerRequest\x12/\n\x05setup\x18\x01 \x01(\x0b\x32\x1e.secure_runner.v1.SetupRequestH\x00\x12-\n\x04\x63\x61ll\x18\x02 \x01(\x0b\x32\x1d.secure_runner.v1.CallRequestH\x00\x12\x34\n\nbase_class\x18\x03 \x01(\x0b\x32\x1e.secure_runner.v1.SetupRequestH\x00\x12-\n\x06shared\x18\x04 \x03(\x0b\x32\x1d.secure_runner.v1.SharedValue\x12\x13\n\x0bshared_size\x18\x05 \x01(\x04\x42\x06\n\x04kind\"P\n\x0bSharedValue\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x0f\n\x07keyword\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0e\n\x06length\x18\x04 \x01(\x04\"\xb3\x01\n\x0eWorkerResponse\x12\x30\n\x05setup\x18\x01 \x01(\x0b\x32\x1f.secure_runner.v1.SetupResponseH\x00\x12.\n\x04\x63\x61ll\x18\x02 \x01(\x0b\x32\x1e.secure_runner.v1.CallResponseH\x00\x12\x37\n\nbase_class\x18\x03 \x01(\x0b\x32!.secure_runner.v1.BaseClassReportH\x00\x42\x06\n\x04kind\"~\n\x0f\x42\x61seClassReport\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.secure_runner.v1.CallStatus\x12,\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1d.secure_runner.v1.ErrorDetail\x12\x0f\n\x07methods\x18\x03 \x03(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,9 +34,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'secure_runner.v1.worker_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKERREQUEST']._serialized_start=114
-  _globals['_WORKERREQUEST']._serialized_end=287
-  _globals['_WORKERRESPONSE']._serialized_start=290
-  _globals['_WORKERRESPONSE']._serialized_end=469
-  _globals['_BASECLASSREPORT']._serialized_start=471
-  _globals['_BASECLASSREPORT']._serialized_end=597
+  _globals['_WORKERREQUEST']._serialized_end=355
+  _globals['_SHAREDVALUE']._serialized_start=357
+  _globals['_SHAREDVALUE']._serialized_end=437
+  _globals['_WORKERRESPONSE']._serialized_start=440
+  _globals['_WORKERRESPONSE']._serialized_end=619
+  _globals['_BASECLASSREPORT']._serialized_start=621
+  _globals['_BASECLASSREPORT']._serialized_end=747
 # @@protoc_insertion_point(module_scope)

@@ -9,14 +9,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerRequest(_message.Message):
-    __slots__ = ("setup", "call", "base_class")
+    __slots__ = ("setup", "call", "base_class", "shared", "shared_size")
     SETUP_FIELD_NUMBER: _ClassVar[int]
     CALL_FIELD_NUMBER: _ClassVar[int]
     BASE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
+    SHARED_SIZE_FIELD_NUMBER: _ClassVar[int]
     setup: _runner_pb2.SetupRequest
     call: _runner_pb2.CallRequest
     base_class: _runner_pb2.SetupRequest
-    def __init__(self, setup: _Optional[_Union[_runner_pb2.SetupRequest, _Mapping]] = ..., call: _Optional[_Union[_runner_pb2.CallRequest, _Mapping]] = ..., base_class: _Optional[_Union[_runner_pb2.SetupRequest, _Mapping]] = ...) -> None: ...
+    shared: _containers.RepeatedCompositeFieldContainer[SharedValue]
+    shared_size: int
+    def __init__(self, setup: _Optional[_Union[_runner_pb2.SetupRequest, _Mapping]] = ..., call: _Optional[_Union[_runner_pb2.CallRequest, _Mapping]] = ..., base_class: _Optional[_Union[_runner_pb2.SetupRequest, _Mapping]] = ..., shared: _Optional[_Iterable[_Union[SharedValue, _Mapping]]] = ..., shared_size: _Optional[int] = ...) -> None: ...
+
+class SharedValue(_message.Message):
+    __slots__ = ("position", "keyword", "offset", "length")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    KEYWORD_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    keyword: str
+    offset: int
+    length: int
+    def __init__(self, position: _Optional[int] = ..., keyword: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class WorkerResponse(_message.Message):
     __slots__ = ("setup", "call", "base_class")

@@ -48,13 +48,15 @@ class Plan:
     cgroup_error: str
     protocol_fds: tuple[int, int]
     host_pid: int = field(init=False)  # the pid the runner knows (the waiter's, once the PID namespace exists)
+    waiter: bool = field(init=False)  # will a waiter stay outside the PID namespace (not so for a worker born pid 1)?
     uid: int = field(init=False)
     tmp: str = "/tmp"
     read_only: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.host_pid = os.getpid()
-        self.uid = identity.worker_uid(self.policy.uid_base)
+        self.host_pid = namespaces.pid_outside()
+        self.waiter = not namespaces.started_as_pid_one()
+        self.uid = identity.worker_uid(self.policy.uid_base, self.host_pid)
         self.read_only = filesystem.minimal([*filesystem.python_paths(), self.submission, *self.base_paths])
 
 
@@ -138,9 +140,9 @@ def apply(plan: Plan) -> list[LayerResult]:
 
 def verify(plan: Plan, layers: list[LayerResult]) -> list[LayerResult]:
     """sandbox-check: test from inside that each active layer really holds."""
-    in_pid_namespace = any(r.name == "namespaces" and r.active for r in layers)
+    leader_outside = plan.waiter and any(r.name == "namespaces" and r.active for r in layers)
     checks: dict[str, Callable[[], str]] = {
-        "environment": lambda: environment.verify(plan.protocol_fds, in_pid_namespace) and "still clean after every layer",
+        "environment": lambda: environment.verify(plan.protocol_fds, leader_outside) and "still clean after every layer",
         "cgroup": lambda: "the runner found the worker in it",
         "rlimits": lambda: limits.verify(plan.limits),
         "namespaces": namespaces.verify,

@@ -5,8 +5,11 @@ cpu.weight) under its runner's cgroup, so under contention CFS splits the
 CPU between the workers of a node equally, whatever number of threads or
 processes each runs (a model spinning 30 threads gets what a one-thread
 neighbour gets), and on top a quota (cpu_cores) caps each worker even on an
-idle machine. All workers of a runner together weigh as one task of the
-runner's own cgroup, so the runner's threads keep their turn too.
+idle machine. The runner's cgroup, parent of its workers', weighs as many tasks
+as it has workers (`_weigh_node`): under contention each model then gets about
+what a process of its own would, whether its node hosts one model or hundreds
+and whatever else runs on the host (a node weighing one task in all gave its
+25 models together the CPU of one process of the host's).
 
 The runner (as root) makes one cgroup per worker under its own cgroup, writes
 the limits and gives the worker the `cgroup.procs` files to join; the worker
@@ -36,6 +39,9 @@ CPU_PERIOD_US = 100_000
 # The same weight for every worker (the kernels' default values, written so that it never depends on them).
 CPU_SHARES_V1 = 1024
 CPU_WEIGHT_V2 = 100
+# The kernels' largest weights: a node of more workers than these allow weighs only this much.
+MAX_CPU_SHARES_V1 = 262_144
+MAX_CPU_WEIGHT_V2 = 10_000
 REQUIRED = ("memory", "pids")
 OPTIONAL = ("cpu",)
 RUNNER_DIR_PREFIX = "secure-runner."
@@ -218,7 +224,20 @@ def _make(hierarchy: Hierarchy, name: str, limits: WorkerLimits) -> Path:
     except OSError:
         directory.rmdir()
         raise
+    _weigh_node(hierarchy, runner_dir)
     return directory
+
+
+def _weigh_node(hierarchy: Hierarchy, runner_dir: Path) -> None:
+    """Give the runner's cgroup the weight of as many tasks as it has workers (at least one)."""
+    if "cpu" not in hierarchy.controllers:
+        return
+    with contextlib.suppress(OSError):  # a weight is a bonus, like the quota: never a reason to fail
+        workers = max(1, sum(1 for child in runner_dir.iterdir() if child.is_dir()))
+        if hierarchy.version == 1:
+            _write(runner_dir / "cpu.shares", str(min(CPU_SHARES_V1 * workers, MAX_CPU_SHARES_V1)))
+        else:
+            _write(runner_dir / "cpu.weight", str(min(CPU_WEIGHT_V2 * workers, MAX_CPU_WEIGHT_V2)))
 
 
 class WorkerCgroup:
@@ -279,6 +298,7 @@ class WorkerCgroup:
                 with contextlib.suppress(OSError):
                     _write(directory / "cgroup.kill", "1")
             _kill_and_remove(directory)
+            _weigh_node(hierarchy, directory.parent)
 
 
 def remove_runner_dirs() -> None:

@@ -1,6 +1,6 @@
 """Layers 6 and 7: an unprivileged uid/gid, then no_new_privs.
 
-The worker runs as uid = gid = uid_base + its pid, with no supplementary
+The worker runs as uid = gid = uid_base + its pid (as the runner knows it), with no supplementary
 groups and an empty capability bounding set, so even a setuid-root binary
 (were one reachable) could not give back a capability. no_new_privs makes
 setuid bits and file capabilities inert for the worker and all its children.
@@ -14,8 +14,9 @@ from pathlib import Path
 from secure_runner.runner.sandbox import syscalls
 
 
-def worker_uid(uid_base: int) -> int:
-    return uid_base + os.getpid()
+def worker_uid(uid_base: int, host_pid: int) -> int:
+    """Unique among live workers: `host_pid` is the worker's pid as the runner knows it."""
+    return uid_base + host_pid
 
 
 def _others_can_read(path: str, ancestors: bool) -> bool:

@@ -4,7 +4,12 @@ The network namespace holds only its own loopback interface, brought up so
 libraries that talk to localhost keep working while no host address (and no
 abstract unix socket of the host) is reachable. Needs CAP_SYS_ADMIN (root).
 
-A new PID namespace only takes effect for children, so the bootstrap forks
+A new PID namespace only takes effect for children. A worker forked from its
+runner's template (runner/template.py) is already pid 1 of a new one: the
+template's intermediate process made it (unshare CLONE_NEWPID) just before
+forking the worker, and the worker itself makes the other namespaces here, with
+no waiter (the runner is its parent, outside; it dies with the runner). A worker
+started as a fresh interpreter makes them all and forks
 here: the child becomes pid 1 of the new namespace and goes on to apply the
 other layers and run the model; it sees no process outside (getppid() is 0,
 the runner's pid names nothing). The parent, the process the runner started,
@@ -70,15 +75,34 @@ def _wait_and_end_alike(child: int) -> None:
 
 
 def die_with_the_waiter() -> None:
-    """In the child: die when the waiter dies (again after the uid drop, which clears it)."""
+    """Die when the parent dies (the waiter, or the runner for a worker that started as pid 1); again after the
+    uid drop, which clears it."""
     syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def started_as_pid_one() -> bool:
+    """Forked by its runner's template straight into a new PID namespace (runner/template.py): no waiter."""
+    return os.getpid() == 1
+
+
+def pid_outside() -> int:
+    """This process's pid as the runner knows it (NSpid's first field in the mounted /proc: the host's, before
+    the filesystem layer mounts the worker's own)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("NSpid:"):
+                return int(line.split()[1])
+    return os.getpid()
+
+
 def apply() -> str:
-    syscalls.unshare(FLAGS)
-    child = os.fork()
-    if child:
-        _wait_and_end_alike(child)  # never returns
+    if started_as_pid_one():  # the other namespaces take effect at once: nothing to wait for, no waiter
+        syscalls.unshare(FLAGS & ~syscalls.CLONE_NEWPID)
+    else:
+        syscalls.unshare(FLAGS)
+        child = os.fork()
+        if child:
+            _wait_and_end_alike(child)  # never returns
     die_with_the_waiter()
     socket.sethostname(HOSTNAME)
     _loopback_up()

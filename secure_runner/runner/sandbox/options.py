@@ -14,6 +14,8 @@ log = logging.getLogger(__name__)
 # The same explicit opt-out as --allow-missing-layer, for runners started by another program
 # (the embedded orchestrator): comma-separated layer names. Logged like the flag.
 ALLOW_MISSING_ENV = "SECURE_RUNNER_ALLOW_MISSING_LAYERS"
+# The default of --worker-template for runners started by another program: "on" or "off".
+WORKER_TEMPLATE_ENV = "SECURE_RUNNER_WORKER_TEMPLATE"
 MIB = 1 << 20
 _DEFAULTS = WorkerLimits()
 # flag, WorkerLimits field, unit multiplier, help
@@ -52,6 +54,12 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         "--allow-missing-layer", type=_layers, action="append", default=[], metavar="NAME[,NAME]",
         help=f"start even if this sandbox layer is missing (logged); one of {', '.join(LAYERS)}",
     )
+    group.add_argument(
+        "--worker-template", choices=("on", "off"), default=None,
+        help="fork workers from a pre-imported, secret-free template process that applies no layer itself "
+        f"(each worker still applies every layer), or start each as a fresh interpreter "
+        f"(default: ${WORKER_TEMPLATE_ENV}, else on)",
+    )
 
 
 def limits_from(args: argparse.Namespace) -> WorkerLimits:
@@ -61,6 +69,10 @@ def limits_from(args: argparse.Namespace) -> WorkerLimits:
         if given is not None:
             values[name] = given if name == "cpu_cores" else int(given) * unit
     return WorkerLimits(**values)
+
+
+def worker_template_from(args: argparse.Namespace) -> bool:
+    return (args.worker_template or os.environ.get(WORKER_TEMPLATE_ENV) or "on") != "off"
 
 
 def policy_from(args: argparse.Namespace) -> SandboxPolicy:
