@@ -13,23 +13,29 @@ neither certificate slot is refused (SMP-5a), and a Rejected coordinator is refu
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import hashlib
 import json
 import time
+import types
 from pathlib import Path
+
+import grpc
 
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from solders.pubkey import Pubkey
 
 from nacl.signing import SigningKey
 
-from conftest import CRUNCH, MODELS, by_id, connected, json_args, orchestrating
+from conftest import CRUNCH, MODELS, assert_refused, by_id, connected, json_args, orchestrating
 from secure_runner import pki
 from secure_runner.client.results import CallStatus
 from secure_runner.client.security import CoordinatorSecurity
 from secure_runner.errors import ErrorCode
+from secure_runner.orchestrator.service import WATCH_RPC
+from test_attacks import _orchestrator_channel, _orchestrator_token, _watch
 from test_provisioning import pki_cli, send
 from test_registry_chain import APPROVED, REJECTED, Chain, Crunch
 
@@ -142,9 +148,20 @@ async def test_parties_apart_call_models_through_the_chain_registry_and_refusals
                 assert results[ENROLLED_MODEL_ID].status is CallStatus.SUCCESS, results[ENROLLED_MODEL_ID]
                 assert results[ENROLLED_MODEL_ID].output == {"echoed": {"price": 1.5}}
 
-                # The coordinator's certificate slots now hold another TLS key only: its live channel is refused.
-                enrol_only(crunch, b"another SubjectPublicKeyInfo")
-                await call_until(client, ErrorCode.COORDINATOR_CERT_NOT_ENROLLED)
+                # The coordinator's certificate slots now hold another TLS key only: its live channel is refused,
+                # and so is its open model-list stream (SMP-20 re-checks SMP-5a).
+                seen_by_coordinator = types.SimpleNamespace(  # its own files and the orchestrator's public certificate
+                    **{name: getattr(pki.PkiLayout(parties["coordinator"]), name)
+                       for name in ("coordinator_identity", "coordinator_cert", "coordinator_key", "ca_cert")},
+                    orchestrator_cert=host.orchestrator_cert)
+                async with _orchestrator_channel(seen_by_coordinator, orchestrator.port) as channel:
+                    stream = _watch(channel, _orchestrator_token(seen_by_coordinator, CRUNCH, WATCH_RPC))
+                    assert {m.model_id for m in (await stream.read()).models} == set(models)
+                    enrol_only(crunch, b"another SubjectPublicKeyInfo")
+                    await call_until(client, ErrorCode.COORDINATOR_CERT_NOT_ENROLLED)
+                    await assert_refused(  # within the re-authorization interval (1 s) once the registry shows it
+                        asyncio.wait_for(stream.read(), 5), grpc.StatusCode.UNAUTHENTICATED,
+                        ErrorCode.COORDINATOR_CERT_NOT_ENROLLED)
                 enrol_only(crunch, crunch.coordinator_tls)
                 await call_until(client, "")  # enrolled again: served again
 

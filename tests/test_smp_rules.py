@@ -185,14 +185,21 @@ def test_a_signature_for_another_purpose_never_verifies():
 
 def test_watcher_rule():
     reg = snap(registry())
-    assert rules.authorize_watcher(CRUNCH, CRUNCH, PEER, reg, NOW).ident == KID
-    assert code_of(lambda: rules.authorize_watcher(CRUNCH, "other", PEER, reg, NOW)) == ErrorCode.WATCHER_NOT_AUTHORIZED
+    spki = hashlib.sha256(b"the watcher's SubjectPublicKeyInfo").digest()
+    assert rules.authorize_watcher(CRUNCH, CRUNCH, PEER, spki, reg, NOW).ident == KID
+    assert code_of(lambda: rules.authorize_watcher(CRUNCH, "other", PEER, spki, reg, NOW)) == ErrorCode.WATCHER_NOT_AUTHORIZED
     revoked = snap(registry(revoked=True))
-    assert code_of(lambda: rules.authorize_watcher(CRUNCH, CRUNCH, PEER, revoked, NOW)) == ErrorCode.KEY_REVOKED
+    assert code_of(lambda: rules.authorize_watcher(CRUNCH, CRUNCH, PEER, spki, revoked, NOW)) == ErrorCode.KEY_REVOKED
     unregistered = (f"spiffe://{CRUNCH}/coordinator/kunknown",)
-    assert code_of(lambda: rules.authorize_watcher(CRUNCH, CRUNCH, unregistered, reg, NOW)) == ErrorCode.KEY_UNKNOWN
+    assert code_of(lambda: rules.authorize_watcher(CRUNCH, CRUNCH, unregistered, spki, reg, NOW)) == ErrorCode.KEY_UNKNOWN
     stale = snap(registry(), NOW - 61)
-    assert code_of(lambda: rules.authorize_watcher(CRUNCH, CRUNCH, PEER, stale, NOW)) == ErrorCode.REGISTRY_STALE
+    assert code_of(lambda: rules.authorize_watcher(CRUNCH, CRUNCH, PEER, spki, stale, NOW)) == ErrorCode.REGISTRY_STALE
+    # SMP-5a on the watcher: a stream stays open only while its TLS key is enrolled (where the registry says).
+    enrolled = snap(registry(enrolled_tls_keys=frozenset({spki})))
+    assert rules.authorize_watcher(CRUNCH, CRUNCH, PEER, spki, enrolled, NOW).ident == KID
+    moved = snap(registry(enrolled_tls_keys=frozenset({hashlib.sha256(b"another key").digest()})))
+    assert code_of(lambda: rules.authorize_watcher(CRUNCH, CRUNCH, PEER, spki, moved, NOW)) == (
+        ErrorCode.COORDINATOR_CERT_NOT_ENROLLED)
 
 
 @settings(max_examples=3000, deadline=None)

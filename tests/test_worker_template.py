@@ -10,12 +10,16 @@ takes no served model down: a worker started afterwards comes from a new templat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import grpc
+import pytest
 
 from secure_runner import codec
 from secure_runner.runner.sandbox.policy import LAYERS
@@ -150,4 +154,27 @@ async def test_killing_the_template_takes_no_model_down_and_a_new_one_forks_the_
         await serves_again(node.as_model("two"), "echo", 2)
         assert template_of(runner.proc.pid) != old_template  # replaced, not given up
         assert (await node.as_model("one").call("echo", 3)).status == OK
+        await node.close()
+
+
+async def test_a_stalled_template_is_given_up_and_the_next_worker_starts_the_plain_way(layout, tmp_path):
+    """A template that stops answering costs one SPAWN_TIMEOUT_SECONDS, never a wedged runner."""
+    counter = write_submission(tmp_path, "counted", {})
+    with node_runner(layout, tmp_path, "stalled-node", {"one": counter}) as (private, runner):
+        node = Node(private, runner.address, "stalled-node")
+        assert {s.status for s in await node.setup("one")} == {OK}
+        stalled = template_of(runner.proc.pid)
+        os.kill(stalled, signal.SIGSTOP)  # alive, holding its socket, answering nothing
+        os.kill(worker_of(runner.proc.pid, "one"), signal.SIGKILL)
+        for _ in range(3):  # a call made while the runner waits on the template can run out its deadline
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await serves_again(node.as_model("one"), "echo", 2)  # after the spawn timeout, by a plain worker
+                break
+        else:
+            raise AssertionError("the model never served again")
+        assert not Path(f"/proc/{stalled}").exists()  # the stalled template was killed and reaped
+        with pytest.raises(ValueError):  # no template until the retry delay has passed
+            template_of(runner.proc.pid)
+        (worker,) = [pid for pid in children(runner.proc.pid) if "/one." in Path(f"/proc/{pid}/cgroup").read_text()]
+        assert children(worker)  # a fresh interpreter's PID-namespace waiter, with the model's process under it
         await node.close()

@@ -106,7 +106,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             if peer is None:
                 raise AuthError(ErrorCode.PEER_UNAUTHENTICATED, "no client certificate")
             rules.authorize_watcher(
-                self._board.crunch_id, request.crunch_id, peer.spiffe_ids, self._registry(), int(self._clock())
+                self._board.crunch_id, request.crunch_id, peer.spiffe_ids, peer.spki_sha256, self._registry(),
+                int(self._clock()),
             )
         except (AuthError, ConfigError) as exc:
             log.warning("refused model-list watcher %s: %s", who, exc)

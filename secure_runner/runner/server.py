@@ -134,13 +134,11 @@ class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
         try:
             call = WorkerCall.encode(request.method, request.arguments, request.kwargs)
             try:
-                response = await counted_call(host, call, self._call_timeout(context))
+                response = await self._counted_call(request.model_id, host, call, self._call_timeout(context))
             finally:
                 call.close()  # its shared payload, if any: the worker has answered
         except SecureRunnerError as exc:
             await self._refuse(context, exc, "Call", request)
-        if self._metrics is not None:
-            self._metrics.count_call(request.model_id, request.method, response)
         log.debug("model %s %s -> %s", request.model_id, request.method, response.status)
         return response
 
@@ -201,10 +199,17 @@ class ModelRunnerServicer(runner_pb2_grpc.ModelRunnerServicer):
 
     async def _fan_out_one(self, model_id: str, call: WorkerCall, timeout: float, context) -> runner_pb2.CallResponse:
         try:
-            response = await counted_call(host_of(self._hosts, model_id), call, timeout)
+            return await self._counted_call(model_id, host_of(self._hosts, model_id), call, timeout)
         except SecureRunnerError as exc:
             self._audit_refusal(context, exc, "FanOut", model_id, call.method)
             return failure_response(exc.code, exc.message)
+
+    async def _counted_call(self, model_id: str, host: ModelHost, call: WorkerCall, timeout: float):
+        """`host.call`, counted once answered: in the host's own counters (runner/call_stats.py, the status
+        view) and, when metrics are on, in secure_runner_runner_calls_total."""
+        started = time.perf_counter_ns()
+        response = await host.call(call, timeout)
+        host.stats.record(response, (time.perf_counter_ns() - started) // 1000)
         if self._metrics is not None:
             self._metrics.count_call(model_id, call.method, response)
         return response
@@ -238,14 +243,6 @@ def _outcome(model_id: str, task: asyncio.Task) -> runner_pb2.CallResponse:
         return task.result()
     log.error("fan-out call of model %s ended without a response: %r", model_id, task.exception())
     return failure_response(ErrorCode.INTERNAL, "the runner could not serve this call")
-
-
-async def counted_call(host: ModelHost, call: WorkerCall, timeout: float) -> runner_pb2.CallResponse:
-    """`host.call`, counted in the host's own counters once answered (runner/call_stats.py)."""
-    started = time.perf_counter_ns()
-    response = await host.call(call, timeout)
-    host.stats.record(response, (time.perf_counter_ns() - started) // 1000)
-    return response
 
 
 def host_of(hosts: dict[str, ModelHost], model_id: str) -> ModelHost:

@@ -261,9 +261,10 @@ class WorkerTemplate:
                     raise OSError("the template could not fork a worker")
                 return pid
             except (OSError, TimeoutError) as exc:  # out of step, or gone: this template is done
+                answer.cancel()  # nobody waits for it any more (and its error would be logged as never retrieved)
                 if process in (None, self._process):  # not already replaced by another request
                     log.warning("worker template failed (%s): workers start without it for %.0f s",
-                                exc or type(exc).__name__, RETRY_TEMPLATE_SECONDS)
+                                str(exc) or type(exc).__name__, RETRY_TEMPLATE_SECONDS)
                     self._retry_at = time.monotonic() + RETRY_TEMPLATE_SECONDS
                     await self.close()
                 return None

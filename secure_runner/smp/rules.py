@@ -72,7 +72,8 @@ by a call token (SMP-1..14 with the crunch id as the request's subject and
 audience); while it stays open `authorize_watcher` re-checks the watcher:
 
   SMP-20 As SMP-1, the crunch asked for is this one, and the key
-         id in the peer's SPIFFE id passes SMP-4b and SMP-5.    PEER_UNAUTHENTICATED,
+         id in the peer's SPIFFE id passes SMP-4b, SMP-5 and
+         SMP-5a (its TLS key still enrolled).                   PEER_UNAUTHENTICATED,
                                                                 WATCHER_NOT_AUTHORIZED,
                                                                 REGISTRY_STALE, KEY_*
 
@@ -217,15 +218,17 @@ def authorize_watcher(
     crunch_id: str,
     requested_crunch_id: str,
     peer_spiffe_ids: tuple[str, ...],
+    peer_spki_sha256: bytes,
     registry: RegistrySnapshot,
     now: int,
     policy: TimePolicy = TimePolicy(),
 ) -> PeerIdentity:
-    """SMP-20."""
+    """SMP-20 (with SMP-5a, so a stream stays open only while its TLS key is enrolled)."""
     peer = authorize_coordinator_peer(crunch_id, peer_spiffe_ids)
     if requested_crunch_id != crunch_id:
         raise AuthError(ErrorCode.WATCHER_NOT_AUTHORIZED, f"this orchestrator serves crunch {crunch_id!r} only")
-    current_registry(registry, now, policy).coordinator_key(crunch_id, peer.ident, datetime.fromtimestamp(now, UTC))
+    key = current_registry(registry, now, policy).coordinator_key(crunch_id, peer.ident, datetime.fromtimestamp(now, UTC))
+    check_enrolled_tls_key(key, peer_spki_sha256)
     return peer
 
 
