@@ -173,3 +173,24 @@ def test_counters_of_another_type_or_size_in_a_status_answer_are_refused(change)
     assert CallStats.from_fields(good.fields()) == good
     with pytest.raises(ValueError):
         CallStats.from_fields({**good.fields(), **change})
+
+
+def test_plain_watch_prints_a_fresh_table_every_interval_into_a_pipe(crunch):
+    """`--watch` off a terminal: whole tables one after another (for a log file), no escape codes."""
+    layout, port = crunch
+    with subprocess.Popen(status_command(layout, port, "--watch", "--interval", "0.5"),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as watching:
+        headers, lines = 0, []
+        deadline = time.monotonic() + 20
+        while headers < 3:
+            assert time.monotonic() < deadline, f"only {headers} tables: {lines}"
+            line = watching.stdout.readline()
+            lines.append(line)
+            headers += line.split()[:2] == ["MODEL", "STATE"]
+        watching.send_signal(signal.SIGINT)
+        _rest, errors = watching.communicate(timeout=10)
+    assert watching.returncode == 0, errors
+    assert not any(ESCAPE in line for line in lines)
+    tables = "".join(lines).split("MODEL ")[1:]
+    assert all({row.split()[0] for row in table.splitlines()[1:] if row.strip()} >= set(MODEL_IDS)
+               for table in tables[:2])  # every model in each full table
