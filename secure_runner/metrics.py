@@ -47,22 +47,20 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from secure_runner.error_table import reason_label
+from secure_runner.error_table import OK_LABEL, OTHER_LABEL, reason_label
 from secure_runner.errors import ConfigError, ErrorCode
 from secure_runner.runner.supervisor import ModelHost, ModelState
+from secure_runner.transport.tls import TlsFiles, file_version, file_versions
 from secure_runner.v1 import runner_pb2
 
 if TYPE_CHECKING:
     from secure_runner.smp.replay import ReplayCache
-    from secure_runner.transport.tls import TlsFiles
 
 __all__ = [
     "MetricsEndpoint", "MetricsServer", "OrchestratorMetrics", "ProcessMetrics", "RunnerMetrics", "serve_metrics",
 ]
 
 OTHER = "other"  # a model id this runner does not host, a method its base class does not declare
-OK, OTHER_REASON = "OK", "OTHER"
-REASONS = frozenset(ErrorCode)
 OUTCOMES = {
     runner_pb2.CALL_STATUS_SUCCESS: "SUCCESS", runner_pb2.CALL_STATUS_FAILURE: "FAILURE",
     runner_pb2.CALL_STATUS_TIMEOUT: "TIMEOUT",
@@ -127,15 +125,15 @@ class _CertificateExpiry:
         self._not_after = float("nan")
 
     def __call__(self) -> float:
-        try:
-            info = os.stat(self._path)
-            version = (info.st_ino, info.st_mtime_ns, info.st_size)
-            if version != self._version:
+        version = file_version(self._path)
+        if version is not None and version != self._version:
+            try:
                 certificate = x509.load_pem_x509_certificates(self._path.read_bytes())[0]
+            except (OSError, ValueError, IndexError):
+                version = None
+            else:
                 self._version, self._not_after = version, certificate.not_valid_after_utc.timestamp()
-        except (OSError, ValueError, IndexError):
-            return float("nan")  # unreadable now: unknown, never a stale date
-        return self._not_after
+        return float("nan") if version is None else self._not_after  # unreadable now: unknown, never a stale date
 
 
 class RunnerMetrics(ProcessMetrics):
@@ -171,10 +169,10 @@ class RunnerMetrics(ProcessMetrics):
         key = (model, method, response.status, response.error.code)
         child = self._call_children.get(key)
         if child is None:
-            outcome = OUTCOMES.get(response.status, OTHER_REASON)
-            reason = OK if response.status == runner_pb2.CALL_STATUS_SUCCESS else reason_label(response.error.code)
+            outcome = OUTCOMES.get(response.status, OTHER_LABEL)
+            reason = OK_LABEL if response.status == runner_pb2.CALL_STATUS_SUCCESS else reason_label(response.error.code)
             child = self._calls.labels(model, method, outcome, reason)
-            if key[3] in REASONS or not key[3]:  # a made-up code is resolved each time, never kept
+            if reason_label(key[3]) != OTHER_LABEL:  # a made-up code is resolved each time, never kept
                 self._call_children[key] = child
         child.inc()
         if response.model_latency_us:  # 0: no answer from the worker (a timeout, a refusal)
@@ -328,13 +326,9 @@ class _ServerTls:
         self._version: tuple | None = None
         self._context = self._load()
 
-    def _stamp(self) -> tuple:
-        return tuple((s.st_ino, s.st_mtime_ns, s.st_size) for s in map(os.stat, (self._files.cert, self._files.key,
-                                                                                  self._files.ca)))
-
     def _load(self) -> ssl.SSLContext:
         try:
-            version = self._stamp()
+            version = file_versions(self._files)
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(self._files.ca))
             context.minimum_version = ssl.TLSVersion.TLSv1_3
             context.verify_mode = ssl.CERT_REQUIRED
@@ -347,7 +341,7 @@ class _ServerTls:
     def context(self) -> ssl.SSLContext:
         with self._lock:
             try:
-                if self._stamp() != self._version:
+                if file_versions(self._files) != self._version:
                     self._context = self._load()
             except (OSError, ConfigError):
                 pass  # half-renewed files: keep serving with the pair that worked

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
+from secure_runner.error_table import reason_label
 from secure_runner.errors import ErrorCode
 from secure_runner.smp.audit import ALLOW, DENY
 
@@ -56,7 +57,4 @@ class DecisionRecorder:
         """A refusal, for the reason `code`."""
         self.audit.record(decision=DENY, code=code, who=who, what=what)
         if self._counter is not None:
-            self._counter.count_decision(DENY, code if code in _REASONS else ErrorCode.INTERNAL)
-
-
-_REASONS = frozenset(ErrorCode)
+            self._counter.count_decision(DENY, reason_label(code))

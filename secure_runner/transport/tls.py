@@ -89,21 +89,22 @@ class TlsFiles:
             raise ConfigError(ErrorCode.PKI_INVALID, f"cannot read TLS file: {exc}") from None
 
 
-def _file_versions(files: TlsFiles) -> tuple[tuple[int, int, int] | None, ...]:
-    """(inode, mtime_ns, size) of the certificate, key and CA files; None for one that cannot be stat'ed.
+def file_version(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime_ns, size) of a file, None if it cannot be stat'ed: what changes when it is renewed.
 
     The inode catches an atomic replacement (write + rename) even within one
     coarse mtime tick and at the same size, as with a renewed P-256 key file.
     """
-    versions = []
-    for path in (files.cert, files.key, files.ca):
-        try:
-            info = os.stat(path)
-        except OSError:
-            versions.append(None)
-        else:
-            versions.append((info.st_ino, info.st_mtime_ns, info.st_size))
-    return tuple(versions)
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns, info.st_size
+
+
+def file_versions(files: TlsFiles) -> tuple[tuple[int, int, int] | None, ...]:
+    """`file_version` of the certificate, key and CA files."""
+    return tuple(map(file_version, (files.cert, files.key, files.ca)))
 
 
 def _checked_material(
@@ -149,14 +150,14 @@ class _CertificateReloader:
         self.files = files
         self.identity = identity
         self._lock = threading.Lock()
-        self._versions = _file_versions(files)
+        self._versions = file_versions(files)
         cert, key, ca = _checked_material(files, identity, require_valid_now=False)
         self.initial = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def __call__(self) -> grpc.ServerCertificateConfiguration | None:
         try:
             with self._lock:
-                versions = _file_versions(self.files)
+                versions = file_versions(self.files)
                 if versions == self._versions:
                     return None
                 self._versions = versions  # tried once per version, whatever the outcome

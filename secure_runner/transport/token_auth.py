@@ -20,7 +20,6 @@ audited refusal (REGISTRY_UNAVAILABLE), never an unhandled exception.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
@@ -170,20 +169,13 @@ class ServedKeys:
     def __init__(self, cert: Path, check_interval: float = 1.0) -> None:
         self._cert = cert
         self._check_interval = check_interval
-        self._version = self._stat()
+        self._version = tls.file_version(self._cert)
         try:
             self._latest = self._read()
         except (OSError, ValueError, AuthError) as exc:
             raise ConfigError(ErrorCode.PKI_INVALID, f"cannot read the served certificate {cert}: {exc}") from None
         self._keys = frozenset({self._latest})
         self._next_check = time.monotonic() + check_interval
-
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            info = os.stat(self._cert)
-        except OSError:
-            return None
-        return info.st_ino, info.st_mtime_ns, info.st_size
 
     def _read(self) -> str:
         return tls.spki_sha256(tls.pem_to_der(self._cert.read_bytes()))
@@ -192,7 +184,7 @@ class ServedKeys:
         now = time.monotonic()
         if now >= self._next_check:
             self._next_check = now + self._check_interval
-            version = self._stat()
+            version = tls.file_version(self._cert)
             if version != self._version:
                 self._version = version
                 try:
